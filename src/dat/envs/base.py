@@ -1,0 +1,100 @@
+"""The setting interface: what a dialogue task supplies to the rollout engine.
+
+A *setting* provides scenarios (with a fixed train/test split), the system prompts of the
+steered agent and of its partner, who opens the dialogue and with what, the number of
+rounds (a round = one steered utterance + one partner reply), and the rewards.
+
+Everything is batched: ``reward`` scores a list of episodes in one call.
+
+Message convention: each agent sees the dialogue from its own side, so its own utterances
+are ``assistant`` messages and the other agent's are ``user`` messages, after its own
+``system`` message. ``Episode.view(agent)`` builds that list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Speaker = Literal["steered", "partner"]
+
+
+@dataclass
+class Scenario:
+    """One task instance. ``id`` is stable across runs and unique within a setting."""
+
+    id: str
+    data: dict = field(default_factory=dict)  # setting-specific fields (JSON-serialisable)
+    side: int = 0  # which role the steered agent plays, for two-sided settings
+
+
+@dataclass
+class Opening:
+    """Who speaks first. ``text`` None means that agent generates its opener."""
+
+    speaker: Speaker
+    text: str | None = None
+
+
+@dataclass
+class Turn:
+    speaker: Speaker
+    text: str
+
+
+@dataclass
+class Reward:
+    """A judge's verdict. ``value`` is None exactly when ``failed`` (never a silent 0)."""
+
+    value: float | None
+    details: dict = field(default_factory=dict)  # per-dimension scores, raw judge text, ...
+    success: bool | None = None  # e.g. red teaming: judged Yes
+    failed: bool = False
+
+
+@dataclass
+class Episode:
+    episode_id: int
+    scenario: Scenario
+    steered_system: str
+    partner_system: str
+    turns: list[Turn] = field(default_factory=list)
+    rewards: list[Reward] = field(default_factory=list)  # one per judged round (or one at end)
+
+    def view(self, agent: Speaker) -> list[dict]:
+        """The dialogue as ``agent`` sees it: its system prompt, own turns as assistant."""
+        system = self.steered_system if agent == "steered" else self.partner_system
+        msgs = [{"role": "system", "content": system}]
+        for t in self.turns:
+            msgs.append({"role": "assistant" if t.speaker == agent else "user", "content": t.text})
+        return msgs
+
+    def utterances(self, agent: Speaker) -> list[str]:
+        return [t.text for t in self.turns if t.speaker == agent]
+
+
+class Setting:
+    """Base class of the settings. Subclasses fill in the marked methods."""
+
+    name: str = "setting"
+    rounds: int = 3
+    reward_timing: Literal["round", "end"] = "round"
+
+    def scenarios(self, split: Literal["train", "test", "all"] = "train") -> list[Scenario]:
+        raise NotImplementedError
+
+    def system_prompts(self, scenario: Scenario) -> tuple[str, str]:
+        """``(steered_system, partner_system)`` for this scenario (and its ``side``)."""
+        raise NotImplementedError
+
+    def opening(self, scenario: Scenario) -> Opening:
+        raise NotImplementedError
+
+    def reward(self, episodes: list[Episode], round_index: int) -> list[Reward]:
+        """Score a batch of episodes after round ``round_index`` (0-based). Called after
+        every round when ``reward_timing == 'round'``, after the last round only when 'end'."""
+        raise NotImplementedError
+
+    def new_episode(self, episode_id: int, scenario: Scenario) -> Episode:
+        steered, partner = self.system_prompts(scenario)
+        return Episode(episode_id, scenario, steered, partner)

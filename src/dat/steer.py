@@ -1,0 +1,425 @@
+"""SteeredLM: a frozen causal LM whose input gets a few *dialogue action tokens*.
+
+Action tokens are embedding vectors inserted into the input embeddings of the templated
+prompt at one of three places:
+
+* ``prefix``: right after BOS (position 0 when the prompt has no BOS);
+* ``infix``: between the system message and the rest of the dialogue, found structurally
+  as the longest common token prefix of the templated system message alone and the whole
+  templated prompt (no marker text is searched for);
+* ``suffix``: at the very end, immediately before the first generated token.
+
+Batches are left-padded. Attention masks cover the inserted tokens and position ids count
+them, so every row of a batch is computed exactly as it would be alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dat.errors import ContextLengthError, DatError
+from dat.models import DEFAULT_MODEL, load_model
+
+Position = Literal["prefix", "infix", "suffix"]
+POSITIONS = ("prefix", "infix", "suffix")
+Message = dict
+Dialogue = Sequence[Message]
+
+# End-of-turn markers of common chat templates; whichever exist in a vocabulary stop generation.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class Generation:
+    """What one batched generation call produced."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # new tokens of each row, stop token excluded
+    prompt_tokens: list[int]  # prompt length of each row, action tokens included
+    stopped: list[bool]  # True where generation ended at an end-of-turn token
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(t) + int(s) for t, s in zip(self.token_ids, self.stopped))
+
+
+@dataclass
+class _Batch:
+    inputs_embeds: torch.Tensor  # [B, T, H]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    lengths: list[int]  # unpadded length of each row
+
+
+class SteeredLM:
+    """A frozen causal LM that can be steered by action embeddings.
+
+    >>> lm = SteeredLM.from_pretrained("default")
+    >>> s = lm.state(dialogues)                       # [B, hidden] float32
+    >>> texts = lm.generate(dialogues, actions=a)     # a: [B, L, hidden]
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str | None = None,
+        max_context: int | None = None,
+        truncation: Literal["error", "left"] = "error",
+    ):
+        if truncation not in ("error", "left"):
+            raise DatError(f"truncation must be 'error' or 'left', got {truncation!r}")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DatError(f"The tokenizer of {name or 'this model'} has no chat template.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "model")
+        limit = getattr(model.config, "max_position_embeddings", None) or 4096
+        self.max_context = int(max_context or limit)
+        self.truncation = truncation
+        self.eos_token_ids = self._stop_tokens()
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
+        # transformers >= 5.2x renamed `past_key_values` to `cache`.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = DEFAULT_MODEL,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_context: int | None = None,
+        truncation: Literal["error", "left"] = "error",
+    ) -> "SteeredLM":
+        model, tokenizer, name = load_model(name_or_path, device=device, dtype=dtype)
+        return cls(model, tokenizer, name=name, max_context=max_context, truncation=truncation)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def _stop_tokens(self) -> list[int]:
+        ids: list[int] = []
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        vocab = self.tokenizer.get_vocab()
+        ids += [vocab[t] for t in _END_OF_TURN if t in vocab]
+        ids = list(dict.fromkeys(int(i) for i in ids))
+        if not ids:
+            raise DatError(f"{self.name}: no end-of-sequence token known; cannot stop generation.")
+        return ids
+
+    # ------------------------------------------------------------------ prompts
+    def _template(self, messages: Dialogue, generation_prompt: bool) -> list[int]:
+        out = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=True, add_generation_prompt=generation_prompt,
+            return_dict=False,
+        )
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def encode(self, dialogue: Dialogue, reserve: int = 0) -> list[int]:
+        """Token ids of the templated prompt (generation prompt added), fitted to the context
+        limit with ``reserve`` tokens left over (for action tokens and the reply)."""
+        _check_dialogue(dialogue)
+        ids = self._template(dialogue, True)
+        if len(ids) + reserve <= self.max_context:
+            return ids
+        if self.truncation == "left":
+            first = 1 if dialogue[0]["role"] == "system" else 0
+            kept = list(dialogue)
+            while len(kept) - first > 1:
+                del kept[first]
+                try:
+                    ids = self._template(kept, True)
+                except Exception:  # some templates insist on alternating roles
+                    continue
+                if len(ids) + reserve <= self.max_context:
+                    return ids
+        raise ContextLengthError(
+            f"Prompt of {len(ids)} tokens plus {reserve} reserved (action tokens + new tokens) "
+            f"exceeds the context limit of {self.max_context} tokens"
+            + ("" if self.truncation == "left" else "; pass truncation='left' to drop the oldest turns")
+            + "."
+        )
+
+    def insertion_point(self, dialogue: Dialogue, ids: list[int], position: Position) -> int:
+        """Index in ``ids`` before which the action tokens go."""
+        if position == "prefix":
+            bos = self.tokenizer.bos_token_id
+            return 1 if bos is not None and ids and ids[0] == bos else 0
+        if position == "suffix":
+            return len(ids)
+        if position == "infix":
+            if not dialogue or dialogue[0].get("role") != "system":
+                raise DatError(
+                    "position='infix' inserts the action tokens after the system message, "
+                    "but this dialogue has no system message (first role: "
+                    f"{dialogue[0].get('role') if dialogue else None!r})."
+                )
+            try:
+                system_only = self._template(dialogue[:1], False)
+            except Exception as exc:
+                raise DatError(f"The chat template of {self.name} cannot render a system message alone "
+                               f"({exc}); use position='prefix' or 'suffix'.") from exc
+            n = 0
+            for a, b in zip(system_only, ids):
+                if a != b:
+                    break
+                n += 1
+            if n == 0:
+                raise DatError(f"Could not locate the system message in the template of {self.name}.")
+            return n
+        raise DatError(f"position must be one of {POSITIONS}, got {position!r}")
+
+    # ------------------------------------------------------------------ batching
+    def _check_actions(self, actions: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if actions is None:
+            return None
+        if not isinstance(actions, torch.Tensor) or not actions.is_floating_point():
+            raise DatError("actions must be a float tensor of shape [batch, n_tokens, hidden].")
+        if actions.dim() != 3 or actions.shape[0] != batch or actions.shape[2] != self.hidden_size:
+            raise DatError(
+                f"actions must have shape [batch={batch}, n_tokens, hidden={self.hidden_size}], "
+                f"got {list(actions.shape)}."
+            )
+        if actions.shape[1] == 0:
+            raise DatError("actions has zero action tokens; pass actions=None for an unsteered model.")
+        return actions
+
+    def _batch(
+        self,
+        ids: list[list[int]],
+        insert_at: list[int] | None,
+        actions: torch.Tensor | None,
+    ) -> _Batch:
+        """Left-padded input embeddings with the action vectors inserted at ``insert_at``."""
+        n_act = 0 if actions is None else actions.shape[1]
+        lengths = [len(x) + n_act for x in ids]
+        B, T = len(ids), max(lengths)
+        tokens = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        is_action = torch.zeros((B, T), dtype=torch.bool)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for i, row in enumerate(ids):
+            start = T - lengths[i]
+            mask[i, start:] = 1
+            if n_act:
+                p = insert_at[i]
+                tokens[i, start:start + p] = torch.tensor(row[:p], dtype=torch.long)
+                is_action[i, start + p:start + p + n_act] = True
+                tokens[i, start + p + n_act:] = torch.tensor(row[p:], dtype=torch.long)
+            else:
+                tokens[i, start:] = torch.tensor(row, dtype=torch.long)
+        dev = self.device
+        tokens, mask, is_action = tokens.to(dev), mask.to(dev), is_action.to(dev)
+        embeds = self.model.get_input_embeddings()(tokens)
+        if n_act:
+            b_idx, t_idx = is_action.nonzero(as_tuple=True)  # row-major: matches actions' order
+            embeds = embeds.index_put((b_idx, t_idx), actions.to(dev, embeds.dtype).reshape(-1, embeds.shape[-1]))
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return _Batch(embeds, mask, position_ids, lengths)
+
+    def _prepare(self, dialogues, actions, position, reserve):
+        dialogues = _check_batch(dialogues)
+        actions = self._check_actions(actions, len(dialogues))
+        n_act = 0 if actions is None else actions.shape[1]
+        ids = [self.encode(d, reserve=reserve + n_act) for d in dialogues]
+        insert_at = None
+        if actions is not None:
+            insert_at = [self.insertion_point(d, x, position) for d, x in zip(dialogues, ids)]
+        return dialogues, ids, insert_at, actions
+
+    def _base(self):
+        return getattr(self.model, self.model.base_model_prefix)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def state(self, dialogues: Sequence[Dialogue], batch_size: int = 32) -> torch.Tensor:
+        """Final-layer hidden state of the last prompt token, without action tokens.
+
+        Returns float32 ``[B, hidden]`` on the CPU.
+        """
+        dialogues = _check_batch(dialogues)
+        ids = [self.encode(d) for d in dialogues]
+        out = []
+        base = self._base()
+        for lo in range(0, len(ids), batch_size):
+            b = self._batch(ids[lo:lo + batch_size], None, None)
+            h = base(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
+                     position_ids=b.position_ids, use_cache=False).last_hidden_state
+            out.append(h[:, -1].float().cpu())
+        return torch.cat(out)
+
+    def generate(
+        self,
+        dialogues: Sequence[Dialogue],
+        actions: torch.Tensor | None = None,
+        position: Position = "prefix",
+        max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+    ) -> list[str]:
+        """Reply of the model to each dialogue (new text only), steered by ``actions``."""
+        return self.generate_detailed(dialogues, actions, position, max_new_tokens,
+                                      temperature, top_p, seed).texts
+
+    @torch.no_grad()
+    def generate_detailed(
+        self,
+        dialogues: Sequence[Dialogue],
+        actions: torch.Tensor | None = None,
+        position: Position = "prefix",
+        max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+    ) -> Generation:
+        """Like :meth:`generate`, with token ids and counts."""
+        if position not in POSITIONS:
+            raise DatError(f"position must be one of {POSITIONS}, got {position!r}")
+        if max_new_tokens < 1:
+            raise DatError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise DatError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        _, ids, insert_at, actions = self._prepare(dialogues, actions, position, max_new_tokens)
+        batch = self._batch(ids, insert_at, actions)
+        new, stopped = self._decode(batch, max_new_tokens, temperature, top_p, seed)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return Generation(texts, new, batch.lengths, stopped)
+
+    def loss(
+        self,
+        dialogues: Sequence[Dialogue],
+        targets: Sequence[str],
+        actions: torch.Tensor | None = None,
+        position: Position = "prefix",
+    ) -> torch.Tensor:
+        """Mean token NLL ``[B]`` of each target reply (its end-of-turn token included) given
+        the steered prompt. Differentiable with respect to ``actions``."""
+        dialogues = _check_batch(dialogues)
+        if len(targets) != len(dialogues):
+            raise DatError(f"{len(targets)} targets for {len(dialogues)} dialogues.")
+        target_ids = [self._reply_ids(d, t) for d, t in zip(dialogues, targets)]
+        reserve = max(len(t) for t in target_ids)
+        _, ids, insert_at, actions = self._prepare(dialogues, actions, position, reserve)
+        full = [p + t for p, t in zip(ids, target_ids)]
+        batch = self._batch(full, insert_at, actions)
+        hidden = self._base()(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        # Only the positions that predict target tokens go through the LM head.
+        T = hidden.shape[1]
+        rows, cols, labels = [], [], []
+        for i, t in enumerate(target_ids):
+            n = len(t)
+            rows += [i] * n
+            cols += range(T - n - 1, T - 1)
+            labels += t
+        dev = hidden.device
+        logits = self.model.get_output_embeddings()(hidden[torch.tensor(rows, device=dev),
+                                                           torch.tensor(cols, device=dev)])
+        nll = F.cross_entropy(logits.float(), torch.tensor(labels, device=dev), reduction="none")
+        counts = torch.tensor([len(t) for t in target_ids], device=dev)
+        row_idx = torch.tensor(rows, device=dev)
+        return torch.zeros(len(target_ids), device=dev).index_add(0, row_idx, nll) / counts
+
+    def _reply_ids(self, dialogue: Dialogue, reply: str) -> list[int]:
+        """Tokens the template puts after the generation prompt for ``reply``, up to and
+        including the end-of-turn token."""
+        prompt = self._template(dialogue, True)
+        full = self._template(list(dialogue) + [{"role": "assistant", "content": reply}], False)
+        if full[:len(prompt)] == prompt:
+            tail = full[len(prompt):]
+        else:  # templates that rewrite earlier turns: tokenise the reply itself
+            tail = self.tokenizer(reply, add_special_tokens=False)["input_ids"] + [self.eos_token_ids[0]]
+        for k, tok in enumerate(tail):
+            if tok in self.eos_token_ids:
+                return tail[:k + 1]
+        return tail
+
+    # ------------------------------------------------------------------ decoding
+    def _decode(self, batch: _Batch, max_new_tokens: int, temperature: float, top_p: float,
+                seed: int | None) -> tuple[list[list[int]], list[bool]]:
+        from transformers import DynamicCache
+
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(0 if seed is None else int(seed))
+        B = batch.inputs_embeds.shape[0]
+        dev = self.device
+        stop = torch.tensor(self.eos_token_ids, device=dev)
+        mask = batch.attention_mask
+        pos = batch.position_ids[:, -1:]
+        cache = DynamicCache()
+        out = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
+                         position_ids=batch.position_ids, use_cache=True, logits_to_keep=1,
+                         **{self._cache_kw: cache})
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        steps = []
+        for step in range(max_new_tokens):
+            nxt = _pick(out.logits[:, -1, :], temperature, top_p, gen)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
+            steps.append(nxt)
+            done = done | torch.isin(nxt, stop)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            pos = pos + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                             use_cache=True, **{self._cache_kw: cache})
+        tokens = torch.stack(steps, dim=1).tolist()
+        stop_set = set(self.eos_token_ids)
+        new, stopped = [], []
+        for row in tokens:
+            end = next((k for k, t in enumerate(row) if t in stop_set), None)
+            new.append(row if end is None else row[:end])
+            stopped.append(end is not None)
+        return new, stopped
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _check_dialogue(dialogue: Dialogue) -> None:
+    if not isinstance(dialogue, (list, tuple)) or not dialogue:
+        raise DatError("A dialogue must be a non-empty list of {'role': ..., 'content': ...} messages.")
+    for k, m in enumerate(dialogue):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DatError(f"Message {k} of a dialogue must be a dict with string 'role' and 'content', got {m!r}.")
+
+
+def _check_batch(dialogues) -> list:
+    if isinstance(dialogues, (list, tuple)) and dialogues and isinstance(dialogues[0], dict):
+        raise DatError("Pass a list of dialogues (a list of lists of messages), not one dialogue.")
+    if not isinstance(dialogues, (list, tuple)) or not dialogues:
+        raise DatError("dialogues must be a non-empty list of dialogues.")
+    return list(dialogues)
