@@ -154,6 +154,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, display = resolve_source(name_or_path)
+    _quiet_transformers()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
@@ -167,6 +168,13 @@ def load_model(
     model.to(dev)
     freeze(model)
     return model, tokenizer, display
+
+
+def _quiet_transformers() -> None:
+    """Loading a 135M model should not print progress bars of its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ class Generation:
     token_ids: list[list[int]]  # new tokens of each row, stop token excluded
     prompt_tokens: list[int]  # prompt length of each row, action tokens included
     stopped: list[bool]  # True where generation ended at an end-of-turn token
+    # With ``logprobs=k``: per row, per new token, ``(token_id, logprob, [(id, logprob)] * k)``
+    # under the model's raw distribution (before temperature / top-p).
+    logprobs: list[list[tuple[int, float, list[tuple[int, float]]]]] | None = None
 
     @property
     def num_generated(self) -> int:
@@ -293,8 +296,12 @@ class SteeredLM:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = 0,
+        logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> Generation:
-        """Like :meth:`generate`, with token ids and counts."""
+        """Like :meth:`generate`, with token ids and counts; ``logprobs=k`` also returns the
+        log-probability of each new token and the ``k`` most likely alternatives.
+        ``ignore_eos`` always generates ``max_new_tokens`` tokens (for benchmarks)."""
         if position not in POSITIONS:
             raise DatError(f"position must be one of {POSITIONS}, got {position!r}")
         if max_new_tokens < 1:
@@ -303,9 +310,21 @@ class SteeredLM:
             raise DatError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         _, ids, insert_at, actions = self._prepare(dialogues, actions, position, max_new_tokens)
         batch = self._batch(ids, insert_at, actions)
-        new, stopped = self._decode(batch, max_new_tokens, temperature, top_p, seed)
+        trace = None
+        if logprobs is not None:
+            trace = [[] for _ in ids]
+
+            def record(step, tokens, lps):
+                for i, row in enumerate(trace):
+                    row.append((int(tokens[i]), lps.logprob[i], list(zip(lps.top_ids[i], lps.top_logprobs[i]))))
+
+        new, stopped = self._decode(batch, max_new_tokens, temperature, top_p, seed,
+                                    top_logprobs=logprobs, on_step=record if trace is not None else None,
+                                    ignore_eos=ignore_eos)
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-        return Generation(texts, new, batch.lengths, stopped)
+        if trace is not None:  # the end-of-turn token is not part of the reply
+            trace = [row[:len(t)] for row, t in zip(trace, new)]
+        return Generation(texts, new, batch.lengths, stopped, trace)
 
     def loss(
         self,
@@ -358,7 +377,18 @@ class SteeredLM:
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, batch: _Batch, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int | None) -> tuple[list[list[int]], list[bool]]:
+                seed: int | None, *, top_logprobs: int | None = None,
+                on_step: Callable | None = None,
+                ignore_eos: bool = False) -> tuple[list[list[int]], list[bool]]:
+        """Batched decoding with a KV cache.
+
+        ``on_step(step, tokens, logprobs)`` (optional) is called after every step with the
+        new token of each row (a list; rows already finished get the pad id) and, when
+        ``top_logprobs`` is not None, a :class:`StepLogprobs`. It may return indices of rows
+        to finish now (their last token kept, ``stopped`` False): a server uses this for
+        stop strings, per-row token limits and cancelled requests. Decoding ends early once
+        every row is finished.
+        """
         from transformers import DynamicCache
 
         gen = None
@@ -367,7 +397,7 @@ class SteeredLM:
             gen.manual_seed(0 if seed is None else int(seed))
         B = batch.inputs_embeds.shape[0]
         dev = self.device
-        stop = torch.tensor(self.eos_token_ids, device=dev)
+        stop = torch.tensor([] if ignore_eos else self.eos_token_ids, dtype=torch.long, device=dev)
         mask = batch.attention_mask
         pos = batch.position_ids[:, -1:]
         cache = DynamicCache()
@@ -375,12 +405,21 @@ class SteeredLM:
                          position_ids=batch.position_ids, use_cache=True, logits_to_keep=1,
                          **{self._cache_kw: cache})
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        cut: list[int | None] = [None] * B  # rows finished by on_step: number of tokens kept
         steps = []
         for step in range(max_new_tokens):
-            nxt = _pick(out.logits[:, -1, :], temperature, top_p, gen)
+            logits = out.logits[:, -1, :]
+            nxt = _pick(logits, temperature, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
             steps.append(nxt)
             done = done | torch.isin(nxt, stop)
+            if on_step is not None:
+                lps = None if top_logprobs is None else _step_logprobs(logits, nxt, top_logprobs)
+                finish = on_step(step, nxt.tolist(), lps)
+                for i in finish or ():
+                    if not bool(done[i]):
+                        cut[i] = step + 1
+                        done[i] = True
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
@@ -388,13 +427,32 @@ class SteeredLM:
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                              use_cache=True, **{self._cache_kw: cache})
         tokens = torch.stack(steps, dim=1).tolist()
-        stop_set = set(self.eos_token_ids)
+        stop_set = set() if ignore_eos else set(self.eos_token_ids)
         new, stopped = [], []
-        for row in tokens:
+        for i, row in enumerate(tokens):
+            row = row if cut[i] is None else row[:cut[i]]
             end = next((k for k, t in enumerate(row) if t in stop_set), None)
             new.append(row if end is None else row[:end])
             stopped.append(end is not None)
         return new, stopped
+
+
+@dataclass
+class StepLogprobs:
+    """Log-probabilities of one decoding step, for every row (plain lists, on the CPU)."""
+
+    logprob: list[float]  # of the chosen token
+    top_ids: list[list[int]]  # the k most likely tokens, most likely first
+    top_logprobs: list[list[float]]
+
+
+def _step_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> StepLogprobs:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+    if k > 0:
+        vals, idx = lp.topk(k, dim=-1)
+        return StepLogprobs(picked, idx.tolist(), vals.tolist())
+    return StepLogprobs(picked, [[] for _ in picked], [[] for _ in picked])
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:

@@ -13,6 +13,7 @@ are ``assistant`` messages and the other agent's are ``user`` messages, after it
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -72,6 +73,21 @@ class Episode:
     def utterances(self, agent: Speaker) -> list[str]:
         return [t.text for t in self.turns if t.speaker == agent]
 
+    def round_texts(self, round_index: int) -> tuple[str, str | None]:
+        """``(steered utterance, partner reply)`` of round ``round_index`` (0-based); the
+        reply is None while the partner has not answered yet. A partner opener that comes
+        before the first steered utterance belongs to no round."""
+        rounds: list[list] = []
+        for t in self.turns:
+            if t.speaker == "steered":
+                rounds.append([t.text, None])
+            elif rounds and rounds[-1][1] is None:
+                rounds[-1][1] = t.text
+        if not 0 <= round_index < len(rounds):
+            raise IndexError(f"episode {self.episode_id} has {len(rounds)} rounds, "
+                             f"asked for round {round_index}")
+        return rounds[round_index][0], rounds[round_index][1]
+
 
 class Setting:
     """Base class of the settings. Subclasses fill in the marked methods."""
@@ -98,3 +114,17 @@ class Setting:
     def new_episode(self, episode_id: int, scenario: Scenario) -> Episode:
         steered, partner = self.system_prompts(scenario)
         return Episode(episode_id, scenario, steered, partner)
+
+    def scenario_by_id(self, scenario_id: str) -> Scenario:
+        """The scenario with this id (any split); KeyError if there is none."""
+        for s in self.scenarios("all"):
+            if s.id == scenario_id:
+                return s
+        raise KeyError(f"{self.name}: no scenario with id {scenario_id!r}")
+
+
+def hash_split(key: str, test_fraction: float, salt: str) -> Literal["train", "test"]:
+    """Deterministic train/test assignment of ``key``: the same on every machine and run
+    (sha256, not Python's salted ``hash``)."""
+    h = int(hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()[:8], 16) / 16**8
+    return "test" if h < test_fraction else "train"

@@ -1,0 +1,284 @@
+"""``taboo``: lead the partner to talk about a hidden topic without saying its taboo words.
+
+The embedded default setting, written for dat (``dat/data/taboo.json``: 239 everyday topics,
+each with a one-sentence description and 3-5 taboo words; 57 topics are held out as the
+test split, fixed in the file, so no topic is in both splits).
+
+Dialogue: the partner (a plain friendly chat agent whose system prompt says nothing about
+the topic) opens with :data:`GREETING`; then each round is one steered utterance and one
+partner reply; 3 rounds by default. The steered agent's system prompt names the topic, its
+description and the taboo words.
+
+Reward after every round, from the partner's reply ``p`` in that round:
+
+1. *Taboo*: if the steered utterance of the round contains a taboo word (whole word,
+   case-insensitive, also plural/inflected forms: ``bake`` -> ``bakes, baked, baking,
+   baker``; spelled-out forms such as ``b-a-k-e`` count too), the reward is 0.
+2. *No credit for echoes*: words of ``p`` that the steered agent said in any round so far
+   (content words, inflections included) are removed, giving ``p'``. Only what the partner
+   adds itself can earn reward; a partner that merely repeats the steered agent gets ~0.
+   If ``p'`` has no content word left, the reward is 0.
+3. *Relative to small talk*: with unit-norm MiniLM embeddings ``e(.)`` and the target
+   description ``d``, ``s = cos(e(p'), e(d))`` and ``b = max_k cos(e(n_k), e(d))`` over
+   fixed neutral chat replies ``n_k`` (:data:`NEUTRAL_REPLIES`: the greeting, "tell me
+   more", "I agree", ...). The reward is ``clip((s - b) / (1 - b), 0, 1)``: 0 for a reply no
+   closer to the topic than any of the small-talk replies, 1 for a reply as close as the
+   description itself (in practice a clearly on-topic reply scores about 0.4-0.7).
+
+``Reward.details`` keeps ``similarity`` (s), ``similarity_full`` (cos of the unedited
+reply), ``baseline`` (b), ``echo`` (cos of reply and steered utterance), ``taboo_hits``,
+``copied_words``, ``partner_taboo`` (taboo words the partner said) and ``value_if_no_taboo``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, hash_split
+from dat.errors import DatError
+
+GREETING = "Hi there! It's nice to chat with you. How has your day been?"
+
+PARTNER_SYSTEM = ("You are a friendly person having a casual chat. Reply naturally in one to "
+                  "three sentences, share your own thoughts and experiences, and sometimes ask a "
+                  "question back.")
+
+STEERED_SYSTEM = """You are playing a conversation game with a friend.
+Your secret target topic: {topic} ({description})
+Your aim: get your friend to start talking about this topic by themselves.
+Rules: never say any of these words, or any form of them: {taboo}. Do not name the topic \
+directly; give hints, share related experiences and ask questions instead.
+Keep each message short: one or two sentences."""
+
+NEUTRAL_REPLIES = (
+    GREETING,
+    "That sounds interesting! Tell me more.",
+    "I'm not sure what you mean. Could you explain?",
+    "Yes, I agree with you.",
+    "Thanks for sharing, that's nice to hear.",
+    "Haha, that's funny. What else is new?",
+    "I don't really have an opinion on that.",
+    "Sure, I'm happy to chat about anything you like.",
+)
+
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before being
+below between both but by can could did do does doing down during each even ever every few for
+from further get gets got had has have having he her here hers herself him himself his how i if
+in into is it its itself just know let like lot lots make me more most much my myself no nor not
+now of off oh ok okay on once one only or other our ours ourselves out over own really same say
+said she should so some such sure than that the their theirs them themselves then there these
+they thing things think this those through to too under until up us very was way we well were
+what when where which while who whom why will with would yeah yes you your yours yourself
+yourselves it's i'm don't that's what's you're can't
+""".split())
+
+_WORD = re.compile(r"[a-z0-9]+")
+_SPELLED = re.compile(r"\b(?:[a-z][\s.\-_*·]+){2,}[a-z]\b")
+
+
+# ---------------------------------------------------------------------- text utilities
+def words(text: str) -> list[str]:
+    """Lower-case word tokens (letters and digits; apostrophes and hyphens split words)."""
+    return _WORD.findall(text.lower())
+
+
+def _join_spelled(text: str) -> str:
+    """``b-a-k-e`` / ``b a k e`` / ``b.a.k.e`` -> ``bake``."""
+    return _SPELLED.sub(lambda m: re.sub(r"[\s.\-_*·]+", "", m.group(0)), text.lower())
+
+
+def word_forms(word: str) -> set[str]:
+    """The word with simple inflections: plural, -ed, -ing, -er(s), with the usual spelling
+    changes (bake/baking, party/parties, run/running, leaf/leaves)."""
+    w = word.lower()
+    forms = {w, w + "s", w + "es", w + "ed", w + "ing", w + "er", w + "ers"}
+    if w.endswith("e"):
+        forms |= {w + "d", w + "r", w + "rs", w[:-1] + "ing"}
+    if len(w) > 2 and w.endswith("y") and w[-2] not in "aeiou":
+        forms |= {w[:-1] + "ies", w[:-1] + "ied", w[:-1] + "ier"}
+    if w.endswith("f"):
+        forms.add(w[:-1] + "ves")
+    if w.endswith("fe"):
+        forms.add(w[:-2] + "ves")
+    if len(w) >= 3 and w[-1] not in "aeiouwxy" and w[-2] in "aeiou" and w[-3] not in "aeiou":
+        forms |= {w + w[-1] + s for s in ("ing", "ed", "er", "ers")}  # run -> running
+    return forms
+
+
+def taboo_hits(text: str, taboo: list[str]) -> list[str]:
+    """The taboo entries that ``text`` uses (whole words, case-insensitive, inflected and
+    spelled-out forms included; an entry of several words matches as a phrase)."""
+    toks = words(_join_spelled(text))
+    hits = []
+    for entry in taboo:
+        parts = words(entry)
+        if not parts:
+            continue
+        head, last = parts[:-1], word_forms(parts[-1])
+        n = len(parts)
+        for i in range(len(toks) - n + 1):
+            if toks[i:i + n - 1] == head and toks[i + n - 1] in last:
+                hits.append(entry)
+                break
+    return hits
+
+
+def _is_content(tok: str) -> bool:
+    return len(tok) >= 3 and tok not in STOPWORDS and not tok.isdigit()
+
+
+def strip_copied(reply: str, said: list[str]) -> tuple[str, list[str]]:
+    """``reply`` without the content words that also occur (in any simple inflection) in
+    the texts ``said``; and the removed words."""
+    said_toks = {t for s in said for t in words(s) if _is_content(t)}
+    said_forms = set().union(*(word_forms(t) for t in said_toks)) if said_toks else set()
+    removed: list[str] = []
+
+    def drop(m: re.Match) -> str:
+        tok = m.group(0).lower()
+        if _is_content(tok) and (tok in said_forms or word_forms(tok) & said_toks):
+            removed.append(tok)
+            return ""
+        return m.group(0)
+
+    kept = re.sub(r"[A-Za-z0-9]+", drop, reply)
+    return re.sub(r"\s+", " ", kept).strip(), removed
+
+
+def has_content(text: str) -> bool:
+    return any(_is_content(t) for t in words(text))
+
+
+# ---------------------------------------------------------------------- data
+def default_data_path() -> Path:
+    return Path(str(resources.files("dat") / "data" / "taboo.json"))
+
+
+def load_taboo(path: str | Path) -> list[dict]:
+    """Read and validate a taboo scenario file (``{"scenarios": [{id, topic, description,
+    taboo, [split], [category]}, ...]}``). Errors name the file, the record and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatError(f"{path}: taboo scenario file not found")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DatError(f"{path}: file is empty; expected a JSON object with a 'scenarios' list")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    rows = doc.get("scenarios") if isinstance(doc, dict) else doc
+    if not isinstance(rows, list) or not rows:
+        raise DatError(f"{path}: expected a non-empty list of scenarios under 'scenarios'")
+    seen: set[str] = set()
+    for k, r in enumerate(rows):
+        rec = f"{path}: scenario #{k}" + (f" ({r.get('id')!r})" if isinstance(r, dict) else "")
+        if not isinstance(r, dict):
+            raise DatError(f"{rec}: expected an object, got {type(r).__name__}")
+        for f in ("id", "topic", "description"):
+            if not isinstance(r.get(f), str) or not r[f].strip():
+                raise DatError(f"{rec}: field {f!r}: expected a non-empty string, got {r.get(f)!r}")
+        tab = r.get("taboo")
+        if not isinstance(tab, list) or not tab or not all(isinstance(t, str) and words(t) for t in tab):
+            raise DatError(f"{rec}: field 'taboo': expected a non-empty list of words, got {tab!r}")
+        if r.get("split", "train") not in ("train", "test"):
+            raise DatError(f"{rec}: field 'split': expected 'train' or 'test', got {r['split']!r}")
+        if r["id"] in seen:
+            raise DatError(f"{rec}: field 'id': duplicate id {r['id']!r}")
+        seen.add(r["id"])
+    return rows
+
+
+# ---------------------------------------------------------------------- setting
+@dataclass
+class Taboo(Setting):
+    """The taboo game. ``data``: a scenario file (default: the embedded one). ``judge``: an
+    :class:`~dat.judges.EmbeddingJudge` or a spec (default ``embed:default``). Scenarios
+    without a ``split`` field are assigned by hashing their topic (``test_fraction``)."""
+
+    data: str | Path | None = None
+    rounds: int = 3
+    judge: Any = field(default=None, repr=False)
+    greeting: str = GREETING
+    partner_system: str = PARTNER_SYSTEM
+    test_fraction: float = 0.2
+
+    name: ClassVar[str] = "taboo"
+    reward_timing: ClassVar[str] = "round"
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise DatError(f"rounds must be >= 1, got {self.rounds}")
+        path = Path(self.data) if self.data is not None else default_data_path()
+        self._rows = load_taboo(path)
+        self._scenarios = []
+        for r in self._rows:
+            split = r.get("split") or hash_split(r["topic"].lower(), self.test_fraction, "taboo")
+            data = {"topic": r["topic"], "description": r["description"], "taboo": list(r["taboo"]),
+                    "category": r.get("category", ""), "split": split}
+            self._scenarios.append(Scenario(r["id"], data))
+        self._judge = None
+
+    # -- interface
+    def scenarios(self, split: Literal["train", "test", "all"] = "train") -> list[Scenario]:
+        if split not in ("train", "test", "all"):
+            raise DatError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        return [s for s in self._scenarios if split == "all" or s.data["split"] == split]
+
+    def system_prompts(self, scenario: Scenario) -> tuple[str, str]:
+        d = scenario.data
+        steered = STEERED_SYSTEM.format(topic=d["topic"], description=d["description"],
+                                        taboo=", ".join(d["taboo"]))
+        return steered, self.partner_system
+
+    def opening(self, scenario: Scenario) -> Opening:
+        return Opening("partner", self.greeting)
+
+    @property
+    def embedder(self):
+        """The embedding judge, built on first use."""
+        if self._judge is None:
+            from dat.judges import make
+
+            self._judge = make(self.judge or "embed:default")
+        return self._judge
+
+    def reward(self, episodes: list[Episode], round_index: int) -> list[Reward]:
+        if not episodes:
+            return []
+        items = []
+        for ep in episodes:
+            steered, reply = ep.round_texts(round_index)
+            if reply is None:
+                raise DatError(f"taboo reward: episode {ep.episode_id} has no partner reply in "
+                               f"round {round_index}")
+            said = ep.utterances("steered")[:round_index + 1]
+            novel, copied = strip_copied(reply, said)
+            items.append((ep.scenario.data, steered, reply, novel, copied))
+        neutral = list(NEUTRAL_REPLIES) + [self.greeting]
+        judge = self.embedder
+        # one encoder call for everything not cached yet
+        texts = [t for _, s, r, n, _ in items for t in (s, r, n)]
+        descs = [d["description"] for d, *_ in items]
+        judge.embed(texts + descs + neutral)
+        e_neu = judge.embed(neutral)
+        out = []
+        for d, steered, reply, novel, copied in items:
+            e_d, e_r, e_s, e_n = judge.embed([d["description"], reply, steered, novel or "."])
+            baseline = float((e_neu @ e_d).max())
+            sim_full, echo = float(e_r @ e_d), float(e_r @ e_s)
+            sim = float(e_n @ e_d) if has_content(novel) else None
+            gain = 0.0 if sim is None else min(1.0, max(0.0, (sim - baseline) / (1.0 - baseline)))
+            hits = taboo_hits(steered, d["taboo"])
+            out.append(Reward(0.0 if hits else gain, {
+                "similarity": sim, "similarity_full": sim_full, "baseline": baseline,
+                "echo": echo, "taboo_hits": hits, "copied_words": copied,
+                "partner_taboo": taboo_hits(reply, d["taboo"]), "value_if_no_taboo": gain,
+            }, success=None))
+        return out

@@ -1,0 +1,267 @@
+"""Vectorised dialogue rollouts: many episodes in lock-step.
+
+Every state pass and every generation of the steered agent and of its partner is one batched
+call over all episodes that are waiting for it. An episode that ends frees its slot for the
+next one in the queue, so the batch stays full.
+
+Actions for each steered turn:
+
+* no planner and no up-mapping: unsteered;
+* a planner: ``normalise(planner(s) + noise * eps) * act_norm``;
+* an up-mapping but no planner: a random direction of norm ``act_norm``.
+
+The noise ``eps`` of episode ``e`` at step ``t`` is drawn from a generator seeded by
+``(seed, e, t)``, so actions do not depend on how episodes were batched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
+from dat.errors import DatError
+from dat.planner import Planner, UpMapping, normalize_action
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 32
+    rounds: int | None = None  # None: the setting's own
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # steered agent (0 = greedy, as when collecting in the paper)
+    partner_temperature: float | None = None  # None: same as the steered agent
+    top_p: float = 1.0
+    noise: float = 0.0  # sigma of the Gaussian exploration noise around planner(s)
+    act_norm: float | None = None  # None: the planner's (or up-mapping's) own
+    position: str | None = None  # None: the planner's own, else "prefix"
+    seed: int = 0
+
+
+@dataclass
+class RolloutEpisode:
+    """A finished episode with what the buffer stores."""
+
+    episode: Episode
+    states: torch.Tensor  # [T + 1, hidden]: s_0 .. s_T (the last is the terminal s')
+    actions: torch.Tensor  # [T, d'] (d' = 0 when unsteered)
+    rewards: list[float | None]  # one per steered step (None where the judge failed)
+    judge_failed: bool
+    generated_tokens: int = 0
+
+    @property
+    def total_reward(self) -> float | None:
+        if self.judge_failed:
+            return None
+        return float(sum(r for r in self.rewards if r is not None))
+
+
+@dataclass
+class _Slot:
+    episode: Episode
+    next_speaker: str
+    states: list = field(default_factory=list)
+    actions: list = field(default_factory=list)
+    rounds_done: int = 0
+    tokens: int = 0
+
+
+class Partner:
+    """Adapter: a partner is a SteeredLM (unsteered) or anything with ``reply(...)``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def reply(self, dialogues, max_new_tokens, temperature, top_p, seed) -> tuple[list[str], int]:
+        if hasattr(self.model, "generate_detailed"):
+            g = self.model.generate_detailed(dialogues, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, top_p=top_p, seed=seed)
+            return g.texts, g.num_generated
+        texts = self.model.reply(dialogues, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 seed=seed)
+        return list(texts), 0
+
+
+class Rollout:
+    """Run episodes of a setting with a (possibly steered) agent and its partner."""
+
+    def __init__(self, lm, setting: Setting, partner=None, planner: Planner | None = None,
+                 up_mapping: UpMapping | None = None, config: RolloutConfig | None = None):
+        self.lm = lm
+        self.setting = setting
+        self.partner = Partner(partner if partner is not None else lm)  # same object: no copy
+        self.planner = planner
+        self.up = up_mapping
+        self.cfg = config or RolloutConfig()
+        if planner is not None and up_mapping is None:
+            raise DatError("A planner needs an up-mapping (a learned one from `dat clone`, or PCA).")
+        if self.up is not None and self.up.config.hidden_size != lm.hidden_size:
+            raise DatError(f"The up-mapping was made for hidden size {self.up.config.hidden_size}, "
+                           f"the model has {lm.hidden_size}.")
+        if planner is not None and planner.config.hidden_size != lm.hidden_size:
+            raise DatError(f"The planner was made for hidden size {planner.config.hidden_size}, "
+                           f"the model has {lm.hidden_size}.")
+        source = planner.config if planner is not None else (self.up.config if self.up else None)
+        self.act_norm = self.cfg.act_norm or (source.act_norm if source else 1.0)
+        self.position = self.cfg.position or (planner.config.position if planner else "prefix")
+        self.rounds = self.cfg.rounds or setting.rounds
+        self.action_dim = self.up.config.action_dim if self.up is not None else 0
+        self.generated_tokens = 0
+        self._calls = 0
+
+    # ------------------------------------------------------------------ actions
+    def _actions(self, slots: list[_Slot], states: torch.Tensor) -> torch.Tensor | None:
+        if self.up is None:
+            return None
+        dev = self.up.components.device if self.up.config.kind == "pca" else self.up.linear.weight.device
+        eps = torch.stack([self._noise(s.episode.episode_id, len(s.actions)) for s in slots]).to(dev)
+        with torch.no_grad():
+            if self.planner is None:
+                a = normalize_action(eps, self.act_norm)
+            else:
+                mean = self.planner(states.to(dev))
+                a = normalize_action(mean + self.cfg.noise * eps, self.act_norm)
+        for s, row in zip(slots, a):
+            s.actions.append(row.float().cpu())
+        return a
+
+    def _noise(self, episode_id: int, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(((self.cfg.seed * 1_000_003 + episode_id) * 1_000_003 + step) % 2**63)
+        return torch.randn(self.action_dim, generator=g)
+
+    def _seed(self) -> int:
+        self._calls += 1
+        return self.cfg.seed * 1_000_003 + self._calls
+
+    # ------------------------------------------------------------------ turns
+    def _steered_turn(self, slots: list[_Slot]) -> None:
+        views = [s.episode.view("steered") for s in slots]
+        states = self.lm.state(views, batch_size=len(views))
+        for s, row in zip(slots, states):
+            s.states.append(row)
+        actions = self._actions(slots, states)
+        embeds = None if actions is None else self.up(actions).to(self.lm.device)
+        g = self.lm.generate_detailed(views, actions=embeds, position=self.position,
+                                      max_new_tokens=self.cfg.max_new_tokens,
+                                      temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                      seed=self._seed())
+        for s, text, toks, stop in zip(slots, g.texts, g.token_ids, g.stopped):
+            s.episode.turns.append(Turn("steered", text))
+            s.next_speaker = "partner"
+            s.tokens += len(toks) + int(stop)
+        self.generated_tokens += g.num_generated
+
+    def _partner_turn(self, slots: list[_Slot]) -> None:
+        temp = self.cfg.partner_temperature
+        temp = self.cfg.temperature if temp is None else temp
+        texts, n = self.partner.reply([s.episode.view("partner") for s in slots],
+                                      self.cfg.max_new_tokens, temp, self.cfg.top_p, self._seed())
+        self.generated_tokens += n
+        for s, text in zip(slots, texts):
+            first = not any(t.speaker == "steered" for t in s.episode.turns)
+            s.episode.turns.append(Turn("partner", text))
+            s.next_speaker = "steered"
+            if not first:  # a partner opener does not close a round
+                s.rounds_done += 1
+
+    def _judge(self, slots: list[_Slot]) -> None:
+        if not slots:
+            return
+        by_round: dict[int, list[_Slot]] = {}
+        for s in slots:
+            by_round.setdefault(s.rounds_done - 1, []).append(s)
+        for r, group in sorted(by_round.items()):
+            rewards = self.setting.reward([s.episode for s in group], r)
+            if len(rewards) != len(group):
+                raise DatError(f"Setting {self.setting.name!r} returned {len(rewards)} rewards for "
+                               f"{len(group)} episodes.")
+            for s, rew in zip(group, rewards):
+                if not isinstance(rew, Reward):
+                    raise DatError(f"Setting {self.setting.name!r} returned {type(rew).__name__}, "
+                                   "expected Reward.")
+                s.episode.rewards.append(rew)
+
+    def _finish(self, slots: list[_Slot]) -> list[RolloutEpisode]:
+        if not slots:
+            return []
+        final = self.lm.state([s.episode.view("steered") for s in slots], batch_size=len(slots))
+        out = []
+        for s, last in zip(slots, final):
+            rewards = self._step_rewards(s.episode, len(s.states))
+            failed = any(r.failed for r in s.episode.rewards)
+            actions = torch.stack(s.actions) if s.actions else torch.zeros(len(s.states), 0)
+            out.append(RolloutEpisode(s.episode, torch.stack(s.states + [last]), actions, rewards,
+                                      failed, s.tokens))
+        return out
+
+    def _step_rewards(self, ep: Episode, steps: int) -> list[float | None]:
+        values = [r.value for r in ep.rewards]
+        if self.setting.reward_timing == "end":
+            return [0.0] * (steps - 1) + [values[-1] if values else None]
+        return (values + [None] * steps)[:steps]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, jobs: Iterable[tuple[int, Scenario]],
+            on_done: Callable[[list[RolloutEpisode]], None] | None = None) -> list[RolloutEpisode]:
+        """Run ``(episode_id, scenario)`` jobs; ``on_done`` gets each group of finished episodes
+        as soon as they end (for writing shards and progress). Returns all of them."""
+        queue = list(jobs)[::-1]
+        active: list[_Slot] = []
+        results: list[RolloutEpisode] = []
+        while queue or active:
+            while queue and len(active) < self.cfg.batch_size:
+                eid, scn = queue.pop()
+                active.append(self._start(eid, scn))
+            steered = [s for s in active if s.next_speaker == "steered"]
+            if steered:
+                self._steered_turn(steered)
+            partner = [s for s in active if s.next_speaker == "partner"]
+            if partner:
+                rounds_before = [s.rounds_done for s in partner]
+                self._partner_turn(partner)
+                closed = [s for s, r in zip(partner, rounds_before) if s.rounds_done > r]
+                to_judge = [s for s in closed if self.setting.reward_timing == "round"
+                            or s.rounds_done >= self.rounds]
+                self._judge(to_judge)
+            ended = [s for s in active if s.rounds_done >= self.rounds]
+            if ended:
+                active = [s for s in active if s.rounds_done < self.rounds]
+                done = self._finish(ended)
+                results.extend(done)
+                if on_done is not None:
+                    on_done(done)
+        return results
+
+    def _start(self, episode_id: int, scenario: Scenario) -> _Slot:
+        ep = self.setting.new_episode(episode_id, scenario)
+        opening = self.setting.opening(scenario)
+        if opening.text is not None:
+            ep.turns.append(Turn(opening.speaker, opening.text))
+            nxt = "partner" if opening.speaker == "steered" else "steered"
+        else:
+            nxt = opening.speaker
+        return _Slot(ep, nxt)
+
+
+def episode_jobs(setting: Setting, n: int, split: str = "train", seed: int = 0,
+                 start: int = 0) -> list[tuple[int, Scenario]]:
+    """Episode ids ``start .. start + n - 1`` cycling over the split's scenarios in a seeded
+    order, so the same id always gets the same scenario."""
+    scenarios = setting.scenarios(split)
+    if not scenarios:
+        raise DatError(f"Setting {setting.name!r} has no scenarios in split {split!r}.")
+    order = torch.randperm(len(scenarios), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(i, scenarios[order[i % len(scenarios)]]) for i in range(start, start + n)]
+
+
+class Throughput:
+    """Tokens/s and episodes/s since creation."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def rate(self, count: float) -> float:
+        return count / max(time.perf_counter() - self.t0, 1e-9)

@@ -1,0 +1,341 @@
+"""`dat serve` end to end: a real server process with the default model on 127.0.0.1.
+
+One steered server (planner + API key) serves most tests, as ``dat`` (steered) and
+``dat-plain`` (unsteered); a second, plain one is killed mid-request. Every test stops what
+it started (fixtures terminate their processes).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+pytestmark = pytest.mark.slow
+
+KEY_ENV = "DAT_TEST_SERVE_KEY"
+KEY = "test-key-" + os.urandom(6).hex()
+HI = [{"role": "user", "content": "Say hi to me."}]
+COLOR = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+
+
+# ---------------------------------------------------------------------- launching
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_cmd(options: dict) -> list[str]:
+    """The `dat serve` command line (through the CLI when it has the command)."""
+    try:
+        from dat.cli import app  # noqa: F401
+        import typer.main
+
+        names = {c.name for c in typer.main.get_command(app).commands.values()} \
+            if hasattr(typer.main.get_command(app), "commands") else set()
+    except Exception:
+        names = set()
+    if "serve" in names:
+        flags = []
+        for k, v in options.items():
+            if v is not None:
+                flags += [f"--{k.replace('_', '-')}", str(v)]
+        return [sys.executable, "-c", "from dat.cli import app; app()", "serve", *flags]
+    code = "import json, sys; from dat.serve import serve_command; serve_command(**json.loads(sys.argv[1]))"
+    return [sys.executable, "-c", code, json.dumps(options)]
+
+
+class ServerProcess:
+    def __init__(self, options: dict, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="dat-serve-", suffix=".log", delete=False)
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.proc = subprocess.Popen(serve_cmd({**options, "port": self.port, "log_level": "info"}),
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
+
+    def wait_ready(self, timeout: float = 240) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dat serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"dat serve did not become ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-4000:]
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def agent_dir(default_lm, tmp_path_factory):
+    from dat.planner import Planner, UpMapping, save_agent
+
+    up = UpMapping.from_embedding_pca(default_lm, 64, 2)
+    planner = Planner.for_model(default_lm)
+    return str(save_agent(tmp_path_factory.mktemp("agent"), planner, up).resolve())
+
+
+@pytest.fixture(scope="module")
+def server(agent_dir):
+    srv = ServerProcess({"model": "default", "planner": agent_dir, "api_key_env": KEY_ENV,
+                         "max_batch": 8, "max_wait_ms": 400}, env={KEY_ENV: KEY})
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def post(server, body, key=KEY, timeout=120):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+
+
+def complete(server, messages, model="dat", **kw) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0, **kw}
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def text_of(resp: dict) -> str:
+    return resp["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------------- basics
+def test_health_models_and_openai_client(server, agent_dir):
+    openai = pytest.importorskip("openai")
+    health = server.health()  # open without a key
+    assert health["status"] == "ok" and health["planner"] == agent_dir
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["dat", "dat-plain"]
+
+    resp = client.chat.completions.create(model="dat", messages=HI, max_tokens=8, temperature=0)
+    text = resp.choices[0].message.content
+    assert text and resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens <= 8 and resp.usage.prompt_tokens > 5
+    extra = resp.model_extra["dat"]
+    assert extra["steered"] is True and extra["planner"] == agent_dir and extra["action_tokens"] == 2
+
+    stream = client.chat.completions.create(model="dat", messages=HI, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == text  # greedy: the stream says what the plain answer said
+    assert finish == resp.choices[0].finish_reason
+    assert usage.completion_tokens == resp.usage.completion_tokens
+
+
+def test_concurrent_requests_share_one_batch_and_match_solo(server):
+    prompts = [HI, COLOR]
+    together: list = [None, None]
+
+    def send(i):
+        together[i] = complete(server, prompts[i], model="dat-plain")
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert [r["dat"]["batch_size"] for r in together] == [2, 2]
+    alone = [complete(server, p, model="dat-plain") for p in prompts]
+    assert [r["dat"]["batch_size"] for r in alone] == [1, 1]
+    assert [text_of(r) for r in alone] == [text_of(r) for r in together]
+
+
+def test_steered_reply_differs_from_plain(server, agent_dir):
+    steered = complete(server, HI, model="dat", max_tokens=12)
+    plain = complete(server, HI, model="dat-plain", max_tokens=12)
+    assert steered["dat"]["steered"] and steered["dat"]["planner"] == agent_dir
+    assert not plain["dat"]["steered"] and plain["dat"]["planner"] is None
+    assert text_of(steered) != text_of(plain)
+
+
+def test_logprobs_and_stop_strings(server):
+    r = complete(server, HI, model="dat-plain", max_tokens=10, logprobs=True, top_logprobs=3)
+    content = r["choices"][0]["logprobs"]["content"]
+    text = text_of(r)
+    assert "".join(t["token"] for t in content) == text
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert t["logprob"] <= 0 and len(t["top_logprobs"]) == 3
+        assert t["top_logprobs"][0]["token"] == t["token"]
+        assert t["top_logprobs"][0]["logprob"] == pytest.approx(t["logprob"])
+
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    expected = text[:text.find(stop)]
+    cut = complete(server, HI, model="dat-plain", max_tokens=10, stop=[stop])
+    assert text_of(cut) == expected and cut["choices"][0]["finish_reason"] == "stop"
+
+    body = {"model": "dat-plain", "messages": HI, "max_tokens": 10, "temperature": 0, "stop": stop,
+            "stream": True}
+    streamed = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[6:])["choices"]:
+                    streamed.append(choice["delta"].get("content") or "")
+    assert "".join(streamed) == expected  # text of a stop string is never streamed
+
+
+# ---------------------------------------------------------------------- errors
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"model": "dat"}, "messages"),
+    ({"model": "dat", "messages": []}, "messages"),
+    ({"model": "dat", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "dat", "messages": HI, "n": 2}, "n"),
+    ({"model": "dat", "messages": HI, "temperature": -1}, "temperature"),
+    ({"model": "dat", "messages": HI, "max_tokens": 0}, "max_tokens"),
+    ({"model": "dat", "messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ({"model": "dat", "messages": HI, "tools": [{"type": "function"}]}, "tools"),
+])
+def test_invalid_requests_get_400(server, body, param):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers=headers, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+
+
+def test_context_limit_and_unknown_model(server):
+    long = [{"role": "user", "content": "word " * 9000}]
+    r = post(server, {"model": "dat", "messages": long, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "8192" in r.json()["error"]["message"]
+    r = post(server, {"model": "dat", "messages": HI, "max_tokens": 9000})
+    assert r.status_code == 400 and "8192" in r.json()["error"]["message"]
+    r = post(server, {"model": "gpt-4", "messages": HI})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_api_key_is_required(server):
+    openai = pytest.importorskip("openai")
+    body = {"model": "dat", "messages": HI, "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", timeout=30).status_code == 401
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="dat", messages=HI, max_tokens=2)
+    assert KEY not in server.output()  # never logged
+
+
+def test_disconnected_stream_frees_its_row(server):
+    before = server.health()["cancelled"]
+    body = {"model": "dat-plain", "messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as resp:
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(4)]  # role chunk, blank, first token, blank
+        assert got[0].startswith("data: ")
+    deadline = time.monotonic() + 30
+    while server.health()["cancelled"] <= before:
+        assert time.monotonic() < deadline, "the abandoned stream kept decoding"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    assert text_of(complete(server, HI, model="dat-plain", max_tokens=2))
+    assert time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------------- clients
+def test_partner_and_yes_no_judge_against_server(server, monkeypatch):
+    from dat.envs.base import Reward
+    from dat.partners import APIPartner, make_partner
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    spec = f"api:{server.url}/v1?key_env={KEY_ENV}#dat-plain"
+    partner = make_partner(spec)
+    assert isinstance(partner, APIPartner)
+    replies = partner.reply([HI, COLOR], max_new_tokens=8, temperature=0, seed=0)
+    assert replies == [text_of(complete(server, m, model="dat-plain")).strip() for m in (HI, COLOR)]
+    partner.close()
+
+    from dat.judges.api import APIYesNoJudge
+
+    judge = APIYesNoJudge.from_spec(spec)
+    rewards = judge.score_prompts(["Is the sky blue? Answer Yes or No.", "Is fire cold? Answer Yes or No."])
+    assert len(rewards) == 2 and all(isinstance(r, Reward) for r in rewards)
+    for r in rewards:
+        assert not r.failed and 0 < r.value < 1 and r.success == (r.value > 0.5)
+    judge.close()
+
+
+def test_server_killed_mid_request_fails_fast_and_clearly():
+    from dat.api import APIClient, APIConnectionError
+
+    srv = ServerProcess({"model": "default", "max_batch": 4, "max_wait_ms": 5})
+    try:
+        srv.wait_ready()
+        client = APIClient.from_spec(f"api:{srv.url}/v1#dat", timeout=60, max_retries=2, backoff=0.2)
+        outcome = {}
+
+        def call():
+            t0 = time.monotonic()
+            try:
+                client.chat([{"role": "user", "content": "Write a long story."}], max_tokens=400)
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                outcome["error"] = exc
+            outcome["seconds"] = time.monotonic() - t0
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while srv.health()["active"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        srv.proc.kill()
+        thread.join(30)
+        assert not thread.is_alive(), "the client hung after the server died"
+        err = outcome["error"]
+        assert isinstance(err, APIConnectionError)
+        assert "gave up after 3 attempts" in str(err) and srv.url in str(err)
+        assert client.stats["requests"] == 3 and client.stats["retries"] == 2
+        client.close()
+    finally:
+        srv.stop()
