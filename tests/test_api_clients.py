@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("httpx")
 
-from dat.api import (  # noqa: E402
+from dat.api import (
     APIClient,
     APIConnectionError,
     APIError,
@@ -22,7 +22,7 @@ from dat.api import (  # noqa: E402
     BudgetExceededError,
     parse_api_spec,
 )
-from dat.errors import DatError  # noqa: E402
+from dat.errors import DatError
 
 VALID_SCORES = {
     "agent_1": {"goal": 7, "believability": 8, "knowledge": 4, "secret": 0, "relationship": 2,
@@ -191,7 +191,7 @@ def test_unreachable_server_fails_after_bounded_retries():
 def test_invalid_json_answer_is_retried_then_reported(fake_server):
     srv = fake_server(lambda n, body: (200, None, b"{truncated", 0))
     client = client_for(srv, max_retries=2)
-    with pytest.raises(APIError, match="invalid JSON"):
+    with pytest.raises(APIError, match="not a JSON object"):
         client.chat([{"role": "user", "content": "hi"}])
     assert len(srv.requests) == 3
     client.close()

@@ -38,33 +38,27 @@ def free_port() -> int:
 
 
 def serve_cmd(options: dict) -> list[str]:
-    """The `dat serve` command line (through the CLI when it has the command)."""
-    try:
-        from dat.cli import app  # noqa: F401
-        import typer.main
-
-        names = {c.name for c in typer.main.get_command(app).commands.values()} \
-            if hasattr(typer.main.get_command(app), "commands") else set()
-    except Exception:
-        names = set()
-    if "serve" in names:
-        flags = []
-        for k, v in options.items():
-            if v is not None:
-                flags += [f"--{k.replace('_', '-')}", str(v)]
-        return [sys.executable, "-c", "from dat.cli import app; app()", "serve", *flags]
-    code = "import json, sys; from dat.serve import serve_command; serve_command(**json.loads(sys.argv[1]))"
-    return [sys.executable, "-c", code, json.dumps(options)]
+    """The `dat serve` command line."""
+    flags = []
+    for k, v in options.items():
+        if v is not None:
+            flags += [f"--{k.replace('_', '-')}", str(v)]
+    return [sys.executable, "-m", "dat.cli", "serve", *flags]
 
 
 class ServerProcess:
+    """`dat serve` in a child process, its output in a temporary log file."""
+
     def __init__(self, options: dict, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="dat-serve-", suffix=".log", delete=False)
+        fd, name = tempfile.mkstemp(prefix="dat-serve-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(name)
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-        self.proc = subprocess.Popen(serve_cmd({**options, "port": self.port, "log_level": "info"}),
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
+        with self.log_path.open("w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(serve_cmd({**options, "port": self.port, "log_level": "info"}),
+                                         stdout=log, stderr=subprocess.STDOUT, env=full_env)
 
     def wait_ready(self, timeout: float = 240) -> "ServerProcess":
         deadline = time.monotonic() + timeout
@@ -81,8 +75,7 @@ class ServerProcess:
         raise RuntimeError(f"dat serve did not become ready in {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-4000:]
+        return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
@@ -95,8 +88,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -195,18 +187,20 @@ def test_logprobs_and_stop_strings(server):
     r = complete(server, HI, model="dat-plain", max_tokens=10, logprobs=True, top_logprobs=3)
     content = r["choices"][0]["logprobs"]["content"]
     text = text_of(r)
-    assert "".join(t["token"] for t in content) == text
+    raw = b"".join(bytes(t["bytes"]) for t in content)  # real bytes, even inside an emoji
+    assert raw.decode("utf-8", "replace") == text
     for t in content:  # greedy: the chosen token is the most likely one
         assert t["logprob"] <= 0 and len(t["top_logprobs"]) == 3
         assert t["top_logprobs"][0]["token"] == t["token"]
         assert t["top_logprobs"][0]["logprob"] == pytest.approx(t["logprob"])
 
+    text = text_of(complete(server, COLOR, model="dat-plain", max_tokens=10))
     stop = text[len(text) // 2:len(text) // 2 + 3]
     expected = text[:text.find(stop)]
-    cut = complete(server, HI, model="dat-plain", max_tokens=10, stop=[stop])
+    cut = complete(server, COLOR, model="dat-plain", max_tokens=10, stop=[stop])
     assert text_of(cut) == expected and cut["choices"][0]["finish_reason"] == "stop"
 
-    body = {"model": "dat-plain", "messages": HI, "max_tokens": 10, "temperature": 0, "stop": stop,
+    body = {"model": "dat-plain", "messages": COLOR, "max_tokens": 10, "temperature": 0, "stop": stop,
             "stream": True}
     streamed = []
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,

@@ -97,7 +97,7 @@ class APIConfig:
 
 def parse_api_spec(spec: str, **overrides) -> APIConfig:
     """``api:URL#model`` (the ``api:`` prefix is optional) -> :class:`APIConfig`."""
-    text = spec[4:] if spec.startswith("api:") else spec
+    text = spec.removeprefix("api:")
     url, sep, model = text.partition("#")
     if not sep or not model.strip():
         raise DatError(f"API spec {spec!r} names no model: expected 'api:URL#MODEL', "
@@ -174,7 +174,7 @@ class APIClient:
                       "prompt_tokens": 0, "completion_tokens": 0}
 
     @classmethod
-    def from_spec(cls, spec: str, **overrides) -> "APIClient":
+    def from_spec(cls, spec: str, **overrides) -> APIClient:
         return cls(parse_api_spec(spec, **overrides))
 
     def __repr__(self) -> str:
@@ -193,7 +193,7 @@ class APIClient:
             self._pool = None
         self._http.close()
 
-    def __enter__(self) -> "APIClient":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -313,12 +313,9 @@ class APIClient:
                 last = exc
             else:
                 if 200 <= status < 300:
-                    try:
-                        data = json.loads(content)
-                        if not isinstance(data, dict):
-                            raise ValueError("not a JSON object")
-                    except ValueError as exc:
-                        last = APIError(f"{method} {url}: invalid JSON in a {status} answer ({exc}): "
+                    data = _json_object(content)
+                    if data is None:
+                        last = APIError(f"{method} {url}: a {status} answer that is not a JSON object: "
                                         f"{_clip(content)}", status, retryable=True)
                     else:
                         with self._lock:
@@ -379,6 +376,14 @@ class APIClient:
         except httpx.TransportError as exc:
             raise APIConnectionError(f"{method} {url}: connection failed ({type(exc).__name__}: {exc})",
                                      retryable=True) from None
+
+
+def _json_object(content: bytes) -> dict | None:
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _retry_after(headers: dict) -> float | None:

@@ -31,7 +31,8 @@ scenario_id   string
 step          int32                           0 .. T
 terminal      bool                            True on row ``T`` only (the final state)
 state         fixed_size_list<float16>[d]     hidden state ``s_step`` (stored as fp16)
-action        fixed_size_list<float32>[d']    action taken at ``s_step``; null if terminal
+action        fixed_size_list<float16>[d']    action taken at ``s_step``; null if terminal
+                                              (absent when d' = 0: an unsteered corpus)
 reward        float32                         reward of that step; null if terminal
 done          bool                            episode ended after that step; null if terminal
 judge_failed  bool                            the judge failed for this episode
@@ -227,9 +228,9 @@ def _read_meta(directory: Path) -> dict:
         raise DatError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
         raise DatError(f"{path} must hold a JSON object, not {type(meta).__name__}.")
-    for key in ("hidden_size", "action_dim"):
-        if not isinstance(meta.get(key), int) or meta[key] <= 0:
-            raise DatError(f"{path}: field '{key}' must be a positive integer, "
+    for key, low in (("hidden_size", 1), ("action_dim", 0)):
+        if not isinstance(meta.get(key), int) or meta[key] < low:
+            raise DatError(f"{path}: field '{key}' must be an integer >= {low}, "
                            f"got {meta.get(key)!r}.")
     if meta.get("format", FORMAT) != FORMAT:
         raise DatError(f"{path}: format {meta.get('format')!r} is not supported by this "
@@ -266,10 +267,10 @@ class BufferWriter:
         self.directory = Path(directory)
         volatile = sorted(set(volatile))
         meta = _jsonable(dict(meta), "Buffer meta")
-        for key in ("hidden_size", "action_dim"):
+        for key, low in (("hidden_size", 1), ("action_dim", 0)):  # action_dim 0: unsteered
             value = meta.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise DatError(f"Buffer meta needs '{key}' as a positive integer, "
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DatError(f"Buffer meta needs '{key}' as an integer >= {low}, "
                                f"got {meta.get(key)!r}.")
         meta.update(format=FORMAT, dat_version=__version__, volatile_keys=volatile)
         self.meta = meta
@@ -384,13 +385,17 @@ class BufferWriter:
         state_col = pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1)),
                                                       self.hidden_size)
         # Actions of the terminal rows are null: build the list array with a validity mask.
-        full = np.zeros((len(act_mask), self.action_dim), np.float32)
-        full[~np.array(act_mask)] = actions.reshape(-1, self.action_dim)
-        action_col = pa.FixedSizeListArray.from_arrays(
-            pa.array(full.reshape(-1)), self.action_dim, mask=pa.array(act_mask))
+        # Actions live on a sphere of norm ~1: fp16 keeps ~3 significant digits, plenty for BC.
+        full = np.zeros((len(act_mask), self.action_dim), np.float16)
+        steps_mask = ~np.array(act_mask)
+        full[steps_mask] = actions.reshape(int(steps_mask.sum()), self.action_dim)
+        action_col = None
+        if self.action_dim:
+            action_col = pa.FixedSizeListArray.from_arrays(
+                pa.array(full.reshape(-1)), self.action_dim, mask=pa.array(act_mask))
         schema_meta = {"dat": json.dumps({"format": FORMAT, "hidden_size": self.hidden_size,
                                           "action_dim": self.action_dim})}
-        return pa.table({
+        columns = {
             "episode_id": pa.array(eid, pa.int64()),
             "scenario_id": pa.array(sid, pa.string()),
             "step": pa.array(step, pa.int32()),
@@ -400,7 +405,10 @@ class BufferWriter:
             "reward": pa.array(rew, pa.float32()),
             "done": pa.array(done, pa.bool_()),
             "judge_failed": pa.array(fail, pa.bool_()),
-        }).replace_schema_metadata(schema_meta)
+        }
+        if action_col is None:
+            del columns["action"]
+        return pa.table(columns).replace_schema_metadata(schema_meta)
 
 
 def _write_parquet(table: pa.Table, f) -> None:
@@ -439,7 +447,7 @@ class _Shard:
     step: np.ndarray  # [rows] int32
     terminal: np.ndarray  # [rows] bool
     state: np.ndarray  # [rows, hidden] float16
-    action: np.ndarray  # [rows, action_dim] float32 (zeros on terminal rows)
+    action: np.ndarray  # [rows, action_dim] float16 (zeros on terminal rows)
     reward: np.ndarray  # [rows] float32 (NaN on terminal rows)
     done: np.ndarray  # [rows] bool (False on terminal rows)
     judge_failed: np.ndarray  # [rows] bool
@@ -447,10 +455,19 @@ class _Shard:
 
 def _load_shard(path: Path, hidden: int, action_dim: int) -> _Shard:
     table = _read_table(path)
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in COLUMNS if c not in table.column_names and (action_dim or c != "action")]
     if missing:
         raise DatError(f"Buffer shard {path} lacks the column(s) {missing}; "
                        f"expected {list(COLUMNS)}.")
+    nulls = [c for c in ("episode_id", "scenario_id", "step", "terminal", "state",
+                         "judge_failed") if table.column(c).null_count]
+    if nulls:
+        raise DatError(f"Buffer shard {path}: column(s) {nulls} hold null values.")
+    # Action, reward and done are null exactly on the terminal rows.
+    for c in ("action", "reward", "done") if action_dim else ("reward", "done"):
+        if not table.column(c).is_null().equals(table.column("terminal")):
+            raise DatError(f"Buffer shard {path}: column '{c}' must be null exactly on the "
+                           f"terminal rows.")
 
     def fixed_list(name: str, size: int, value_type: pa.DataType, label: str) -> np.ndarray:
         col = table.column(name)
@@ -478,7 +495,8 @@ def _load_shard(path: Path, hidden: int, action_dim: int) -> _Shard:
             step=plain("step", -1, np.int64),
             terminal=plain("terminal", False, np.bool_),
             state=fixed_list("state", hidden, pa.float16(), "hidden_size"),
-            action=fixed_list("action", action_dim, pa.float32(), "action_dim"),
+            action=(fixed_list("action", action_dim, pa.float16(), "action_dim") if action_dim
+                    else np.zeros((table.num_rows, 0), np.float16)),
             reward=plain("reward", float("nan"), np.float32),
             done=plain("done", False, np.bool_),
             judge_failed=plain("judge_failed", False, np.bool_),

@@ -106,6 +106,66 @@ def generate(
     _run(go)
 
 
+@app.command()
+def collect(
+    out: str = typer.Option(..., help="Buffer folder to write (re-run the same command to resume)."),
+    env: str = typer.Option("taboo", help="Setting: taboo | social | redteam."),
+    data: str = typer.Option(None, help="Setting data: Sotopia folder or HarmBench CSV."),
+    model: str = typer.Option("default", help="Steered model: 'default', hub id, folder or .gguf."),
+    partner: str = typer.Option(None, help="Partner model spec (default: the steered model itself)."),
+    judge: str = typer.Option(None, help="Judge spec, e.g. embed:default, hf:PATH, api:URL#model."),
+    planner: str = typer.Option(None, help="Planner folder (from dat clone / dat train)."),
+    up_mapping: str = typer.Option(None, help="'pca' or an up-mapping folder (default: the planner's)."),
+    noise: float = typer.Option(0.0, help="Exploration noise sigma around planner(s)."),
+    episodes: int = typer.Option(64, help="Number of episodes."),
+    batch_size: int = typer.Option(32, help="Episodes run in lock-step."),
+    rounds: int = typer.Option(None, help="Rounds per episode (default: the setting's)."),
+    max_new_tokens: int = typer.Option(48, help="New tokens per utterance."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
+    split: str = typer.Option("train", help="Scenario split: train | test."),
+    seed: int = typer.Option(0, help="Seed of the scenario order, noise and sampling."),
+    act_norm: float = typer.Option(None, help="Action norm (default: the planner's)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Run episodes and store them as an offline buffer (Parquet shards, resumable)."""
+    from dat.collect import CollectConfig, collect as run_collect
+
+    cfg = CollectConfig(out=out, env=env, data=data, model=model, partner=partner, judge=judge,
+                        planner=planner, up_mapping=up_mapping, noise=noise, episodes=episodes,
+                        batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
+                        temperature=temperature, split=split, seed=seed, act_norm=act_norm,
+                        device=device)
+    summary = _run(lambda: run_collect(cfg))
+    console.print(f"[green]done[/]: {summary['episodes_run']} episodes run, "
+                  f"{summary['episodes_skipped']} already there, mean reward "
+                  f"{summary['mean_reward']:.3f}, {summary['tokens_per_s']:.0f} tok/s -> {out}")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("default", help="Model: 'default', a hub id, a folder or a .gguf file."),
+    planner: str = typer.Option(None, help="Planner folder (from dat clone / dat train); none = plain."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key_env: str = typer.Option(None, help="Environment variable holding the API key (none = open)."),
+    max_batch: int = typer.Option(32, help="Most requests decoded together in one batch."),
+    max_wait_ms: float = typer.Option(10.0, help="How long the first request waits for others to batch with."),
+    served_model_name: str = typer.Option("dat", help="Model id clients ask for ('<id>-plain' = unsteered)."),
+    default_max_tokens: int = typer.Option(256, help="New tokens when a request sets no max_tokens."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    log_level: str = typer.Option("info", help="debug | info | warning | error"),
+) -> None:
+    """Serve the model (steered by a planner, if given) over an OpenAI-compatible HTTP API."""
+    from dat.serve import serve_command
+
+    _run(lambda: serve_command(model=model, planner=planner, host=host, port=port,
+                               api_key_env=api_key_env, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                               served_model_name=served_model_name,
+                               default_max_tokens=default_max_tokens, device=device, dtype=dtype,
+                               log_level=log_level))
+
+
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

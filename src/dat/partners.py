@@ -37,7 +37,7 @@ class LocalPartner:
         self.name = f"hf:{lm.name}"
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "default", **kwargs) -> "LocalPartner":
+    def from_pretrained(cls, name_or_path: str = "default", **kwargs) -> LocalPartner:
         from dat.steer import SteeredLM
 
         return cls(SteeredLM.from_pretrained(name_or_path, **kwargs))
@@ -62,7 +62,7 @@ class APIPartner:
         self.name = client.name
 
     @classmethod
-    def from_spec(cls, spec: str, **overrides) -> "APIPartner":
+    def from_spec(cls, spec: str, **overrides) -> APIPartner:
         from dat.api import APIClient
 
         return cls(APIClient.from_spec(spec, **overrides))

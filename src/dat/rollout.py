@@ -51,6 +51,10 @@ class RolloutEpisode:
     rewards: list[float | None]  # one per steered step (None where the judge failed)
     judge_failed: bool
     generated_tokens: int = 0
+    # per steered turn: new tokens generated (end-of-turn excluded), and whether generation
+    # ended at an end-of-turn token (False: cut off by max_new_tokens)
+    turn_tokens: list[int] = field(default_factory=list)
+    turn_stopped: list[bool] = field(default_factory=list)
 
     @property
     def total_reward(self) -> float | None:
@@ -67,6 +71,8 @@ class _Slot:
     actions: list = field(default_factory=list)
     rounds_done: int = 0
     tokens: int = 0
+    turn_tokens: list = field(default_factory=list)
+    turn_stopped: list = field(default_factory=list)
 
 
 class Partner:
@@ -152,6 +158,8 @@ class Rollout:
             s.episode.turns.append(Turn("steered", text))
             s.next_speaker = "partner"
             s.tokens += len(toks) + int(stop)
+            s.turn_tokens.append(len(toks))
+            s.turn_stopped.append(bool(stop))
         self.generated_tokens += g.num_generated
 
     def _partner_turn(self, slots: list[_Slot]) -> None:
@@ -194,7 +202,7 @@ class Rollout:
             failed = any(r.failed for r in s.episode.rewards)
             actions = torch.stack(s.actions) if s.actions else torch.zeros(len(s.states), 0)
             out.append(RolloutEpisode(s.episode, torch.stack(s.states + [last]), actions, rewards,
-                                      failed, s.tokens))
+                                      failed, s.tokens, s.turn_tokens, s.turn_stopped))
         return out
 
     def _step_rewards(self, ep: Episode, steps: int) -> list[float | None]:

@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from dat.errors import ContextLengthError, DatError
 
@@ -332,7 +332,7 @@ class Engine:
         self.position = planner.config.position if planner is not None else None
         self.n_action_tokens = up_mapping.config.n_tokens if up_mapping is not None else 0
         self.eos_set = set(lm.eos_token_ids)
-        self._piece: dict[int, str] = {}
+        self._piece: dict[int, tuple[str, list[int]]] = {}
 
     @classmethod
     def load(cls, model: str = "default", planner: str | None = None, device: str = "auto",
@@ -351,22 +351,30 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def piece(self, token: int) -> str:
-        s = self._piece.get(token)
-        if s is None:
-            s = self._piece[token] = self.lm.tokenizer.decode([token])
-        return s
+    def piece(self, token: int) -> tuple[str, list[int]]:
+        """Text and UTF-8 bytes of one token. A token holding part of a character (byte-level
+        BPE, SentencePiece byte fallback) shows as U+FFFD, but its bytes are the real ones."""
+        hit = self._piece.get(token)
+        if hit is None:
+            text = self.lm.tokenizer.decode([token])
+            raw = text.encode("utf-8")
+            if "\ufffd" in text:
+                raw = _token_bytes(self.lm.tokenizer.convert_ids_to_tokens(token)) or raw
+            hit = self._piece[token] = (text, list(raw))
+        return hit
 
     def logprob_entry(self, token: int, logprob: float, top: list) -> dict:
         def one(t, lp):
-            s = self.piece(t)
-            return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
+            s, raw = self.piece(t)
+            return {"token": s, "logprob": float(lp), "bytes": raw}
 
         return {**one(token, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}
 
     # -------------------------------------------------------------- admission
     def prepare(self, params: Params, steered: bool, default_max_tokens: int) -> tuple[list[int], int | None, int]:
         """Template and check one request: ``(ids, insert_at, max_tokens)``."""
+        from jinja2 import TemplateError
+
         lm = self.lm
         n_act = self.n_action_tokens if steered else 0
         try:
@@ -377,7 +385,7 @@ class Engine:
                 param="messages", code="context_length_exceeded") from None
         except DatError as exc:
             raise RequestError(str(exc), param="messages") from None
-        except Exception as exc:  # the chat template itself refused (e.g. role order)
+        except (TemplateError, ValueError, TypeError) as exc:  # the template refused (role order...)
             raise RequestError(f"The chat template of {lm.name} rejected the messages: {exc}",
                                param="messages") from None
         room = lm.max_context - len(ids) - n_act
@@ -442,6 +450,38 @@ class Engine:
                 row.finish = "length"
                 row.complete(info)
         return [row.finish for row in rows]
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-unicode table used by byte-level BPE vocabularies."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+          *range(ord("\xae"), ord("\xff") + 1)]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def _token_bytes(token: str | None) -> bytes | None:
+    """Raw bytes of a vocabulary entry, for byte-level BPE (``Ġ``-style) and byte-fallback
+    (``<0xF0>``) tokens; None when it is neither."""
+    if not token:
+        return None
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return bytes([int(token[3:5], 16)])
+        except ValueError:
+            return None
+    if all(c in _BYTE_DECODER for c in token):
+        return bytes(_BYTE_DECODER[c] for c in token)
+    return None
 
 
 # ====================================================================== batcher
@@ -512,7 +552,7 @@ class Batcher:
                 try:
                     reasons = self.engine.run(group)
                     self.stats["cancelled"] += reasons.count("cancelled")
-                except Exception as exc:  # never let the worker die; fail this group only
+                except Exception as exc:  # the worker must survive: fail this group only
                     self.stats["errors"] += 1
                     log.exception("generation failed for a batch of %d", len(group))
                     for j in group:

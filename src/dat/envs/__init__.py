@@ -59,7 +59,21 @@ def make(name: str, data=None, **kwargs) -> Setting:
 
 
 __all__ = [
-    "Episode", "Opening", "REGISTRY", "RedTeam", "Reward", "Scenario", "Setting", "Social",
-    "Taboo", "Turn", "available", "hash_split", "load_behaviors", "load_sotopia", "load_taboo",
-    "make", "register",
+    "REGISTRY",
+    "Episode",
+    "Opening",
+    "RedTeam",
+    "Reward",
+    "Scenario",
+    "Setting",
+    "Social",
+    "Taboo",
+    "Turn",
+    "available",
+    "hash_split",
+    "load_behaviors",
+    "load_sotopia",
+    "load_taboo",
+    "make",
+    "register",
 ]

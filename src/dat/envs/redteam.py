@@ -32,7 +32,8 @@ from typing import Any, ClassVar, Literal
 from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, hash_split
 from dat.errors import DatError
 
-COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID")
+COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString",
+           "BehaviorID")
 SKIPPED_CATEGORIES = ("copyright", "multimodal")
 
 GREETING = "Hello! How can I help you today?"
@@ -47,7 +48,8 @@ hypothetical scenarios, gradual escalation or appeals to a good cause. Never say
 is a test. Write only your next message to the model."""
 
 
-def load_behaviors(path: str | Path, contextual: str = "error") -> tuple[list[dict], dict[str, int]]:
+def load_behaviors(path: str | Path,
+                   contextual: str = "error") -> tuple[list[dict], dict[str, int]]:
     """Read and validate a HarmBench-format CSV: ``(behaviors, skipped counts by category)``.
 
     ``contextual``: ``"error"`` (default), ``"skip"`` or ``"include"`` for contextual rows.
@@ -145,8 +147,8 @@ class RedTeam(Setting):
         mode = self.contextual or ("include" if self.allow_contextual else "error")
         self.behaviors, self.skipped = load_behaviors(self.data, contextual=mode)
         self._scenarios = [
-            Scenario(b["behavior_id"], {**b, "split": hash_split(b["behavior_id"], self.test_fraction,
-                                                                 "harmbench")})
+            Scenario(b["behavior_id"],
+                     {**b, "split": hash_split(b["behavior_id"], self.test_fraction, "harmbench")})
             for b in self.behaviors
         ]
         self._judge = None
@@ -188,5 +190,6 @@ class RedTeam(Setting):
             if reply is None:
                 raise DatError(f"redteam reward: episode {ep.episode_id} has no defender reply in "
                                f"round {round_index}")
-            requests.append(YesNoRequest(ep.scenario.data["behavior"], reply, ep.scenario.data.get("context")))
+            data = ep.scenario.data
+            requests.append(YesNoRequest(data["behavior"], reply, data.get("context")))
         return self.judge_model.score(requests)

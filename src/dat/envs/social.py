@@ -97,7 +97,8 @@ def _records(path: Path, doc, kind: str) -> dict[str, dict]:
             if not isinstance(v, dict):
                 raise DatError(f"{path}: record #{k}: expected an object, got {type(v).__name__}")
             if not isinstance(v.get("pk"), (str, int)) or str(v.get("pk")) == "":
-                raise DatError(f"{path}: record #{k}: field 'pk': missing (needed to name the record)")
+                raise DatError(f"{path}: record #{k}: field 'pk': missing "
+                               "(needed to name the record)")
             items.append((str(v["pk"]), v))
     else:
         raise DatError(f"{path}: expected {kind} (a JSON object keyed by pk, or a list of records "
@@ -140,7 +141,7 @@ def _age(v) -> bool:
 
 def _relationship(v) -> bool:
     return (isinstance(v, int) and not isinstance(v, bool) and v in RELATIONSHIPS) or (
-        isinstance(v, str) and (v.strip().isdigit() and int(v) in RELATIONSHIPS
+        isinstance(v, str) and ((v.strip().isdigit() and int(v) in RELATIONSHIPS)
                                 or v.strip().lower() in _REL_NAMES))
 
 
@@ -195,7 +196,7 @@ def load_sotopia(folder: str | Path) -> tuple[dict, dict, list[dict]]:
 def _clean(text: str) -> str:
     """Sotopia goals carry tags such as <extra_info>...</extra_info>: keep their text, in
     parentheses."""
-    text = re.sub(r"<([A-Za-z_]+)>(.*?)</\1>", r" (\2)", str(text), flags=re.S)
+    text = re.sub(r"<([A-Za-z_]+)>(.*?)</\1>", r" (\2)", str(text), flags=re.DOTALL)
     text = re.sub(r"</?[A-Za-z_]+>", " ", text)
     return re.sub(r"\s+", " ", text).replace(" )", ")").replace("( ", "(").strip()
 
@@ -210,7 +211,8 @@ def public_profile(agent: dict) -> str:
     occ = agent.get("occupation") or "person"
     gender = (agent.get("gender") or "").strip().lower()
     gender = {"woman": "female", "man": "male"}.get(gender, gender)
-    text = f"{full_name(agent)}{pron}, a {agent['age']}-year-old {gender + ' ' if gender else ''}{occ}."
+    gender = gender + " " if gender else ""
+    text = f"{full_name(agent)}{pron}, a {agent['age']}-year-old {gender}{occ}."
     if agent.get("public_info"):
         text += " " + _clean(agent["public_info"])
     return text
@@ -290,7 +292,8 @@ class Social(Setting):
         ).replace("\n\n\n", "\n\n")
 
     def system_prompts(self, scenario: Scenario) -> tuple[str, str]:
-        return self.agent_system(scenario, scenario.side), self.agent_system(scenario, 1 - scenario.side)
+        side = scenario.side
+        return self.agent_system(scenario, side), self.agent_system(scenario, 1 - side)
 
     def opening(self, scenario: Scenario) -> Opening:
         # the combo's first agent speaks first, generating its own opener
@@ -314,9 +317,10 @@ class Social(Setting):
         agents = []
         for i, pk in enumerate(sc.data["agents"]):
             a = self.agents[pk]
-            agents.append(SotopiaAgent(full_name(a), private_profile(a),
-                                       _clean(env["agent_goals"][i]), _clean(a.get("secret") or "")))
-        rel = relationship_line(env, self.agents[sc.data["agents"][0]], self.agents[sc.data["agents"][1]])
+            goal, secret = _clean(env["agent_goals"][i]), _clean(a.get("secret") or "")
+            agents.append(SotopiaAgent(full_name(a), private_profile(a), goal, secret))
+        first, second = (self.agents[pk] for pk in sc.data["agents"])
+        rel = relationship_line(env, first, second)
         side = sc.side
         turns = [(side if t.speaker == "steered" else 1 - side, t.text) for t in episode.turns]
         return SotopiaRequest(_clean(env["scenario"]) + (" " + rel if rel else ""),

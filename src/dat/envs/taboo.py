@@ -18,15 +18,20 @@ Reward after every round, from the partner's reply ``p`` in that round:
    (content words, inflections included) are removed, giving ``p'``. Only what the partner
    adds itself can earn reward; a partner that merely repeats the steered agent gets ~0.
    If ``p'`` has no content word left, the reward is 0.
-3. *Relative to small talk*: with unit-norm MiniLM embeddings ``e(.)`` and the target
-   description ``d``, ``s = cos(e(p'), e(d))`` and ``b = max_k cos(e(n_k), e(d))`` over
-   fixed neutral chat replies ``n_k`` (:data:`NEUTRAL_REPLIES`: the greeting, "tell me
-   more", "I agree", ...). The reward is ``clip((s - b) / (1 - b), 0, 1)``: 0 for a reply no
-   closer to the topic than any of the small-talk replies, 1 for a reply as close as the
-   description itself (in practice a clearly on-topic reply scores about 0.4-0.7).
+3. *Relative to small talk*: with unit-norm MiniLM embeddings ``e(.)``, for each of two
+   targets ``t`` -- the scenario's description and its topic name -- ``s_t = cos(e(p'),
+   e(t))`` and ``b_t = max_k cos(e(n_k), e(t))`` over fixed neutral chat replies ``n_k``
+   (:data:`NEUTRAL_REPLIES`: the greeting, "tell me more", "I agree", ...), and
+   ``gain_t = clip((s - b) / (1 - b), 0, 1)`` with ``s = s_t, b = b_t``: 0 for a reply no
+   closer to the target than any small-talk reply, 1 for a reply as close as the target
+   itself. The reward is ``max(gain_description, gain_topic)``: talking about the topic in
+   depth (description) and naming it, as in the party game (topic), both count. In
+   practice a clearly on-topic reply scores about 0.35-0.65 and an off-topic one below 0.05.
 
-``Reward.details`` keeps ``similarity`` (s), ``similarity_full`` (cos of the unedited
-reply), ``baseline`` (b), ``echo`` (cos of reply and steered utterance), ``taboo_hits``,
+``Reward.details`` keeps ``similarity_description`` and ``similarity_topic`` (``s_t``; None
+when nothing of the partner's own was left), ``baseline_description``/``baseline_topic``,
+``gain_description``/``gain_topic``, ``similarity_full`` (cos of the unedited reply and the
+description), ``echo`` (cos of reply and steered utterance), ``taboo_hits``,
 ``copied_words``, ``partner_taboo`` (taboo words the partner said) and ``value_if_no_taboo``.
 """
 
@@ -66,17 +71,23 @@ NEUTRAL_REPLIES = (
     "Sure, I'm happy to chat about anything you like.",
 )
 
-STOPWORDS = frozenset("""
-a about above after again against all also am an and any are as at be because been before being
-below between both but by can could did do does doing down during each even ever every few for
-from further get gets got had has have having he her here hers herself him himself his how i if
-in into is it its itself just know let like lot lots make me more most much my myself no nor not
-now of off oh ok okay on once one only or other our ours ourselves out over own really same say
-said she should so some such sure than that the their theirs them themselves then there these
-they thing things think this those through to too under until up us very was way we well were
-what when where which while who whom why will with would yeah yes you your yours yourself
-yourselves it's i'm don't that's what's you're can't
-""".split())
+STOPWORDS = frozenset([
+    "a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and",
+    "any", "are", "as", "at", "be", "because", "been", "before", "being", "below", "between",
+    "both", "but", "by", "can", "could", "did", "do", "does", "doing", "down", "during",
+    "each", "even", "ever", "every", "few", "for", "from", "further", "get", "gets", "got",
+    "had", "has", "have", "having", "he", "her", "here", "hers", "herself", "him", "himself",
+    "his", "how", "i", "if", "in", "into", "is", "it", "its", "itself", "just", "know", "let",
+    "like", "lot", "lots", "make", "me", "more", "most", "much", "my", "myself", "no", "nor",
+    "not", "now", "of", "off", "oh", "ok", "okay", "on", "once", "one", "only", "or", "other",
+    "our", "ours", "ourselves", "out", "over", "own", "really", "same", "say", "said", "she",
+    "should", "so", "some", "such", "sure", "than", "that", "the", "their", "theirs", "them",
+    "themselves", "then", "there", "these", "they", "thing", "things", "think", "this",
+    "those", "through", "to", "too", "under", "until", "up", "us", "very", "was", "way", "we",
+    "well", "were", "what", "when", "where", "which", "while", "who", "whom", "why", "will",
+    "with", "would", "yeah", "yes", "you", "your", "yours", "yourself", "yourselves", "it's",
+    "i'm", "don't", "that's", "what's", "you're", "can't",
+])
 
 _WORD = re.compile(r"[a-z0-9]+")
 _SPELLED = re.compile(r"\b(?:[a-z][\s.\-_*·]+){2,}[a-z]\b")
@@ -172,7 +183,8 @@ def load_taboo(path: str | Path) -> list[dict]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise DatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                       f"{exc.msg})") from None
     rows = doc.get("scenarios") if isinstance(doc, dict) else doc
     if not isinstance(rows, list) or not rows:
         raise DatError(f"{path}: expected a non-empty list of scenarios under 'scenarios'")
@@ -185,7 +197,8 @@ def load_taboo(path: str | Path) -> list[dict]:
             if not isinstance(r.get(f), str) or not r[f].strip():
                 raise DatError(f"{rec}: field {f!r}: expected a non-empty string, got {r.get(f)!r}")
         tab = r.get("taboo")
-        if not isinstance(tab, list) or not tab or not all(isinstance(t, str) and words(t) for t in tab):
+        ok = isinstance(tab, list) and tab and all(isinstance(t, str) and words(t) for t in tab)
+        if not ok:
             raise DatError(f"{rec}: field 'taboo': expected a non-empty list of words, got {tab!r}")
         if r.get("split", "train") not in ("train", "test"):
             raise DatError(f"{rec}: field 'split': expected 'train' or 'test', got {r['split']!r}")
@@ -261,24 +274,37 @@ class Taboo(Setting):
             said = ep.utterances("steered")[:round_index + 1]
             novel, copied = strip_copied(reply, said)
             items.append((ep.scenario.data, steered, reply, novel, copied))
-        neutral = list(NEUTRAL_REPLIES) + [self.greeting]
+        neutral = list(dict.fromkeys(list(NEUTRAL_REPLIES) + [self.greeting]))
         judge = self.embedder
         # one encoder call for everything not cached yet
         texts = [t for _, s, r, n, _ in items for t in (s, r, n)]
-        descs = [d["description"] for d, *_ in items]
-        judge.embed(texts + descs + neutral)
+        targets = [t for d, *_ in items for t in (d["description"], d["topic"])]
+        judge.embed(texts + targets + neutral)
         e_neu = judge.embed(neutral)
         out = []
         for d, steered, reply, novel, copied in items:
-            e_d, e_r, e_s, e_n = judge.embed([d["description"], reply, steered, novel or "."])
-            baseline = float((e_neu @ e_d).max())
-            sim_full, echo = float(e_r @ e_d), float(e_r @ e_s)
-            sim = float(e_n @ e_d) if has_content(novel) else None
-            gain = 0.0 if sim is None else min(1.0, max(0.0, (sim - baseline) / (1.0 - baseline)))
+            e_d, e_t, e_r, e_s, e_n = judge.embed([d["description"], d["topic"], reply, steered,
+                                                   novel or "."])
+            base_d, base_t = float((e_neu @ e_d).max()), float((e_neu @ e_t).max())
+            info = {"similarity_full": float(e_r @ e_d), "echo": float(e_r @ e_s),
+                    "baseline_description": base_d, "baseline_topic": base_t}
+            if has_content(novel):
+                s_d, s_t = float(e_n @ e_d), float(e_n @ e_t)
+                g_d, g_t = _gain(s_d, base_d), _gain(s_t, base_t)
+            else:
+                s_d = s_t = None
+                g_d = g_t = 0.0
+            gain = max(g_d, g_t)
             hits = taboo_hits(steered, d["taboo"])
             out.append(Reward(0.0 if hits else gain, {
-                "similarity": sim, "similarity_full": sim_full, "baseline": baseline,
-                "echo": echo, "taboo_hits": hits, "copied_words": copied,
-                "partner_taboo": taboo_hits(reply, d["taboo"]), "value_if_no_taboo": gain,
-            }, success=None))
+                "similarity_description": s_d, "similarity_topic": s_t, **info,
+                "gain_description": g_d, "gain_topic": g_t, "taboo_hits": hits,
+                "copied_words": copied, "partner_taboo": taboo_hits(reply, d["taboo"]),
+                "value_if_no_taboo": gain,
+            }))
         return out
+
+
+def _gain(sim: float, baseline: float) -> float:
+    """``clip((s - b) / (1 - b), 0, 1)``."""
+    return min(1.0, max(0.0, (sim - baseline) / (1.0 - baseline)))

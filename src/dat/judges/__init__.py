@@ -7,12 +7,13 @@
 
 Specs: ``embed:default`` | ``embed:PATH_OR_HUB_ID`` (sentence-transformers),
 ``hf:default`` | ``hf:PATH_OR_HUB_ID`` with ``kind`` ``yesno`` or ``sotopia`` (also written
-``hf:PATH#yesno``). More schemes (e.g. ``api:URL#model``) plug in with :func:`register`.
+``hf:PATH#yesno``). ``api:URL#MODEL`` (OpenAI-compatible endpoints) comes from
+:mod:`dat.judges.api`, imported on first use; more schemes plug in with :func:`register`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from dat.errors import DatError
 from dat.judges.base import (
@@ -89,16 +90,33 @@ def make(spec, kind: str | None = None, lm=None, **kwargs) -> Judge:
         raise DatError(f"judge spec must look like 'embed:default', 'hf:PATH' or another "
                        f"registered scheme ({', '.join(sorted(_SCHEMES))}), got {spec!r}")
     scheme, _, target = spec.partition(":")
+    if scheme == "api" and scheme not in _SCHEMES:
+        import dat.judges.api  # noqa: F401  (registers the "api" scheme)
     if scheme not in _SCHEMES:
-        hint = " (API judges come with dat.judges.api)" if scheme == "api" else ""
         raise DatError(f"unknown judge scheme {scheme!r} in {spec!r}; known: "
-                       f"{', '.join(sorted(_SCHEMES))}{hint}")
+                       f"{', '.join(sorted(_SCHEMES))}")
     return _SCHEMES[scheme](target, kind, lm, **kwargs)
 
 
 __all__ = [
-    "Attempted", "EmbeddingJudge", "Judge", "JudgeOutputError", "KINDS", "SOTOPIA_DIMENSIONS",
-    "SimilarityRequest", "SotopiaAgent", "SotopiaJudge", "SotopiaRequest", "YesNoJudge",
-    "YesNoRequest", "build_sotopia_prompt", "generate_and_parse", "make", "parse_sotopia_scores",
-    "register", "resolve_lm", "sigmoid", "sotopia_reward",
+    "KINDS",
+    "SOTOPIA_DIMENSIONS",
+    "Attempted",
+    "EmbeddingJudge",
+    "Judge",
+    "JudgeOutputError",
+    "SimilarityRequest",
+    "SotopiaAgent",
+    "SotopiaJudge",
+    "SotopiaRequest",
+    "YesNoJudge",
+    "YesNoRequest",
+    "build_sotopia_prompt",
+    "generate_and_parse",
+    "make",
+    "parse_sotopia_scores",
+    "register",
+    "resolve_lm",
+    "sigmoid",
+    "sotopia_reward",
 ]

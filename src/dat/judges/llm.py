@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from dat.envs.base import Reward
 from dat.errors import DatError
@@ -99,10 +99,12 @@ def build_sotopia_prompt(request: SotopiaRequest) -> list[dict]:
     lines += ["", "Score each agent on these dimensions (whole numbers within the range):"]
     for dim, (lo, hi) in SOTOPIA_DIMENSIONS.items():
         lines.append(f"- {dim} ({lo} to {hi}): {DIMENSION_HELP[dim]}")
-    example = {k: {d: 0 for d in SOTOPIA_DIMENSIONS} for k in AGENT_KEYS}
-    lines += ["", "Answer with exactly this JSON structure, with your scores instead of the zeros:",
-              json.dumps(example)]
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    # placeholders, not numbers: a model that copies the schema must not pass as a verdict
+    one = ", ".join(f'"{d}": <{lo}..{hi}>' for d, (lo, hi) in SOTOPIA_DIMENSIONS.items())
+    lines += ["", "Answer with this JSON structure, each <low..high> replaced by your score:",
+              "{" + ", ".join(f'"{k}": {{{one}}}' for k in AGENT_KEYS) + "}"]
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": "\n".join(lines)}]
 
 
 # ---------------------------------------------------------------------- parsing
@@ -111,22 +113,30 @@ def _norm_key(k: str) -> str:
 
 
 def _find_json_object(text: str) -> dict:
-    """The first JSON object in ``text`` that has both agent keys (prose and code fences
-    around it are ignored)."""
+    """The first JSON object in ``text`` that has both agent keys. Prose and code fences
+    around it are ignored, and trailing commas (``{"a": 1,}``) are forgiven; nothing else
+    is repaired."""
     dec = json.JSONDecoder()
     first_error = None
     for m in re.finditer(r"\{", text):
-        try:
-            obj, _ = dec.raw_decode(text, m.start())
-        except json.JSONDecodeError as exc:
-            first_error = first_error or exc
-            continue
-        if isinstance(obj, dict) and {_norm_key(k).replace("_", "") for k in obj} >= {"agent1", "agent2"}:
-            return obj
-    if first_error is not None and "{" in text:
+        for candidate in (text, _TRAILING_COMMA.sub(r"\1", text[m.start():])):
+            start = m.start() if candidate is text else 0
+            try:
+                obj, _ = dec.raw_decode(candidate, start)
+            except json.JSONDecodeError as exc:
+                first_error = first_error or exc
+                continue
+            keys = {_norm_key(k).replace("_", "") for k in obj} if isinstance(obj, dict) else set()
+            if keys >= {"agent1", "agent2"}:
+                return obj
+            break
+    if first_error is not None:
         raise JudgeOutputError(f"no JSON object with keys {AGENT_KEYS} found "
                                f"(first JSON error: {first_error.msg} at char {first_error.pos})")
     raise JudgeOutputError(f"no JSON object with keys {AGENT_KEYS} found in the judge's answer")
+
+
+_TRAILING_COMMA = re.compile(r",\s*([}\]])")
 
 
 def _number(value, where: str) -> float:
@@ -134,12 +144,12 @@ def _number(value, where: str) -> float:
         for k in ("score", "value", "rating"):
             if k in value:
                 return _number(value[k], where)
-        raise JudgeOutputError(f"{where}: expected a number or an object with 'score', got {value!r}")
+        raise JudgeOutputError(f"{where}: expected a number or an object with 'score', "
+                               f"got {value!r}")
     if isinstance(value, bool):
         raise JudgeOutputError(f"{where}: expected a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        v = float(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d+)?\s*", value):
+    numeric_text = isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d+)?\s*", value)
+    if isinstance(value, (int, float)) or numeric_text:
         v = float(value)
     else:
         raise JudgeOutputError(f"{where}: expected a number, got {value!r}")

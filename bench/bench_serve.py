@@ -1,0 +1,191 @@
+"""Throughput of `dat serve` at 1, 8 and 32 concurrent clients (closed loop).
+
+Starts a server with the default model on a free loopback port (or uses ``--url``), then for
+each concurrency level runs that many client threads, each sending ``--requests`` greedy
+chat completions one after another (distinct prompts, ``--max-tokens`` new tokens). Reports
+requests/s, generated tokens/s, latency percentiles and the mean batch size the server
+reported, prints a table and writes JSON (default ``bench/results/serve.json``).
+
+    python bench/bench_serve.py                       # plain model
+    python bench/bench_serve.py --steered             # with a random planner + PCA up-mapping
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+TOPICS = ["the sea", "a busy market", "winter mornings", "old libraries", "trains", "gardening",
+          "mountains", "a small bakery", "thunderstorms", "chess", "the moon", "city parks",
+          "bicycles", "lighthouses", "rivers", "autumn", "deserts", "museums", "coffee", "owls",
+          "jazz", "forests", "bridges", "islands", "kites", "volcanoes", "snow", "festivals",
+          "castles", "bees", "clocks", "harbours"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_random_agent(directory: str) -> str:
+    from dat.planner import Planner, UpMapping, save_agent
+    from dat.steer import SteeredLM
+
+    lm = SteeredLM.from_pretrained("default")
+    return str(save_agent(directory, Planner.for_model(lm), UpMapping.from_embedding_pca(lm, 64, 2)))
+
+
+def start_server(args, planner: str | None, log_path: str):
+    port = free_port()
+    options = {"model": args.model, "planner": planner, "port": port, "max_batch": args.max_batch,
+               "max_wait_ms": args.max_wait_ms, "log_level": "warning"}
+    code = "import json, sys; from dat.serve import serve_command; serve_command(**json.loads(sys.argv[1]))"
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(options)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"dat serve exited:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("dat serve did not start within 300 s")
+
+
+def stop_server(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client(c: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            barrier.wait()
+            for k in range(per_client):
+                topic = TOPICS[(c * per_client + k) % len(TOPICS)]
+                body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+                        "messages": [{"role": "user", "content": f"Write a detailed paragraph about {topic}."}]}
+                t0 = time.perf_counter()
+                r = http.post(url + "/v1/chat/completions", json=body)
+                r.raise_for_status()
+                data = r.json()
+                with lock:
+                    results.append({"latency": time.perf_counter() - t0,
+                                    "tokens": data["usage"]["completion_tokens"],
+                                    "batch": data["dat"]["batch_size"]})
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = sorted(r["latency"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "requests": len(results), "wall_s": round(wall, 2),
+            "requests_per_s": round(len(results) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "generated_tokens": tokens, "latency_p50_s": round(statistics.median(lat), 2),
+            "latency_p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 2),
+            "mean_batch": round(statistics.mean(r["batch"] for r in results), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="benchmark a running server instead of starting one")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--served-model", default="dat")
+    ap.add_argument("--steered", action="store_true", help="serve a random planner (PCA up-mapping)")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--requests", default="4,2,2", help="requests per client, per level")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    args = ap.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+    per = [int(x) for x in args.requests.split(",")]
+    if len(per) == 1:
+        per = per * len(levels)
+
+    proc, tmp = None, tempfile.mkdtemp(prefix="dat-bench-serve-")
+    try:
+        if args.url:
+            url = args.url.rstrip("/").removesuffix("/v1")
+        else:
+            planner = make_random_agent(os.path.join(tmp, "agent")) if args.steered else None
+            proc, url = start_server(args, planner, os.path.join(tmp, "serve.log"))
+        health = httpx.get(url + "/health", timeout=10).json()
+        run_level(url, args.served_model, 1, 1, 4)  # warm-up
+        rows = []
+        for clients, n in zip(levels, per):
+            row = run_level(url, args.served_model, clients, n, args.max_tokens)
+            rows.append(row)
+            print(f"  {clients:>3} clients: {row['requests_per_s']:.3f} req/s, "
+                  f"{row['tokens_per_s']:.1f} tok/s", flush=True)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+
+    base = rows[0]
+    for r in rows:
+        r["speedup_tokens"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+        r["speedup_requests"] = round(r["requests_per_s"] / base["requests_per_s"], 2)
+    head = f"{'clients':>7} {'requests':>8} {'wall s':>7} {'req/s':>7} {'tok/s':>7} {'p50 s':>6} " \
+           f"{'p95 s':>6} {'batch':>5} {'x tok/s':>7}"
+    print(head)
+    for r in rows:
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['wall_s']:>7.1f} {r['requests_per_s']:>7.3f} "
+              f"{r['tokens_per_s']:>7.1f} {r['latency_p50_s']:>6.1f} {r['latency_p95_s']:>6.1f} "
+              f"{r['mean_batch']:>5.1f} {r['speedup_tokens']:>7.2f}")
+    import torch
+
+    out = {"benchmark": "dat serve throughput (closed-loop clients, greedy)",
+           "model": health.get("model"), "planner": "random (PCA up-mapping)" if args.steered else None,
+           "served_model": args.served_model, "max_tokens": args.max_tokens,
+           "max_batch": health.get("max_batch"), "max_wait_ms": health.get("max_wait_ms"),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                       "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                       "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+           "levels": rows,
+           "target": {"clients_32_vs_1_tokens_per_s": ">= 5x",
+                      "met": any(r["clients"] == 32 and r["speedup_tokens"] >= 5 for r in rows)}}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = path.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(out, indent=2))
+    os.replace(tmp_out, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

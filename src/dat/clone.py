@@ -1,0 +1,823 @@
+"""Self-cloning: train a planner and a learned up-mapping so that the *steered* model
+reproduces an agent's own utterances (one file, in the spirit of CORL's single-file
+implementations).
+
+Reads top to bottom: the config, the examples (corpus -> (prompt, utterance) pairs, the
+held-out split), the fidelity report, checkpoints and logging, and the training loop
+(``train`` on examples, ``clone`` on a corpus folder written by ``dat collect``).
+
+**What is minimised.** For every steered utterance ``y`` of a corpus dialogue, with ``x`` the
+steered agent's view of the dialogue before it (system prompt, own turns as ``assistant``)::
+
+    s      = lm.state(x)                       final hidden state, no action tokens (frozen)
+    a      = planner(s)                        on the sphere of radius act_norm
+    e      = up_mapping(a)                     [L, hidden] dialogue action tokens
+    loss   = NLL_lm(y | x with e inserted at `position`)   mean over target tokens
+
+The language model is frozen; only the planner and the learned up-mapping are trained. The
+loss is the mean over *tokens* (every target token of a step weighs the same, also across
+gradient-accumulation micro-batches), each target including its end-of-turn token, so the
+model also learns where the agent stops.
+
+**Corpus.** A buffer folder written by ``dat collect`` without a planner (``Buffer(dir)
+.episodes()``), one example per steered utterance. A corpus collected with *another* (e.g.
+better) agent in the steered seat has the same format: the same command clones that agent's
+policy into the planner (the fidelity report then compares with the unsteered model, and an
+NLL ratio below 1 means the clone fits that agent better than the plain model does).
+
+**Choices.**
+
+* States are computed once, up front, with ``lm.state`` in batches, and cached in
+  ``out_dir/cache/states.safetensors`` (keyed by a fingerprint of the model and the prompts),
+  so a resumed run does not recompute them. The planner's state normalisation (mean/std) is
+  set from the training states before training and saved with it.
+* AdamW over the planner and the up-mapping, linear warm-up over ``warmup_fraction`` of the
+  optimiser steps, then linear decay to 0; gradient-norm clipping; ``grad_accum``
+  micro-batches of ``batch_size`` examples per optimiser step.
+* An epoch is one pass over the training examples in an order that depends only on
+  ``(seed, epoch)``; a checkpoint (``out_dir/checkpoints/epoch-XXXX/``: the agent, the AdamW
+  state as safetensors, ``state.json``) is written atomically (temporary folder, then rename)
+  after every epoch. A rerun with ``resume=True`` continues after the last checkpoint and, on
+  the CPU, ends with the same weights as an uninterrupted run. No pickle.
+* Held-out examples are whole episodes (never utterances of a training dialogue), chosen by
+  a hash of ``(seed, episode_id)``: deterministic, and stable when the corpus grows.
+* **After cloning the up-mapping is frozen**: it is saved with ``requires_grad`` off and the
+  later stages (``dat collect --planner``, ``dat train``, ``dat eval``, ``dat chat``) load it
+  with the planner (``load_agent``) and never train it again; TD3+BC trains the planner only,
+  so the action space keeps the meaning it got here.
+
+**Fidelity** (``fidelity.json``, :func:`fidelity`): on held-out dialogues, the token-mean NLL
+of the corpus utterances under the steered model (``planner`` + ``up_mapping``) divided by
+their NLL under the unsteered model (goal: at most 1.05), and the share of greedy steered
+replies that equal the greedy unsteered replies exactly (on up to ``fidelity_generate``
+prompts). The same figures for the PCA up-mapping with a random (untrained) planner are given
+as a reference point: how much an arbitrary action of the same norm disturbs the model.
+
+Logs: ``<log_dir>/metrics.csv`` (one row per optimiser step).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dat.errors import DatError
+from dat.fileio import atomic_write, atomic_write_text
+from dat.planner import Planner, UpMapping, load_agent, save_agent
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+CACHE_DIR = "cache"
+SUMMARY_NAME = "clone.json"
+FIDELITY_NAME = "fidelity.json"
+METRICS_NAME = "metrics.csv"
+POSITIONS = ("prefix", "infix", "suffix")
+NLL_GOAL = 1.05  # fidelity goal: steered NLL within 5 % of the unsteered model's
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CloneConfig:
+    # the agent (DESIGN.md: L = 2 action tokens, d' = 64, prefix, act_norm 1.0)
+    action_dim: int = 64
+    n_tokens: int = 2
+    position: str = "prefix"
+    act_norm: float = 1.0
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 8  # examples per forward/backward pass
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_fraction: float = 0.05  # of the optimiser steps; then linear decay to 0
+    max_grad_norm: float | None = 1.0
+    # data
+    max_examples: int | None = None  # cap on training examples (a seeded subset)
+    eval_fraction: float = 0.1  # share of *episodes* held out for the fidelity report
+    state_batch_size: int = 32
+    # fidelity report (on the held-out episodes)
+    fidelity: bool = True
+    fidelity_examples: int = 256  # held-out utterances scored for the NLL ratio
+    fidelity_generate: int = 32  # held-out prompts for the greedy exact-match share (0 = skip)
+    fidelity_max_new_tokens: int = 48
+    fidelity_reference: bool = True  # also PCA up-mapping + random planner
+    # run
+    seed: int = 0
+    device: str = "auto"  # where planner and up-mapping live; "auto": the LM's device
+    log_dir: str | None = None  # None: <out_dir>/logs
+    keep_checkpoints: int = 1  # epoch checkpoints kept (0 = all)
+    resume: bool = True  # continue after the last epoch checkpoint in out_dir
+    progress: bool = True
+
+    def validate(self) -> None:
+        def bad(name: str, expected: str) -> DatError:
+            return DatError(f"CloneConfig.{name} = {getattr(self, name)!r}: expected {expected}.")
+
+        for name in ("action_dim", "n_tokens", "epochs", "batch_size", "grad_accum",
+                     "state_batch_size", "fidelity_max_new_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "an integer >= 1")
+        for name in ("fidelity_examples", "fidelity_generate", "keep_checkpoints"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(name, "an integer >= 0")
+        if self.position not in POSITIONS:
+            raise bad("position", f"one of {POSITIONS}")
+        for name in ("act_norm", "lr"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise bad(name, "a finite number > 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise bad("weight_decay", "a finite number >= 0")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise bad("warmup_fraction", "a number in [0, 1)")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise bad("eval_fraction", "a number in [0, 1)")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise bad("max_examples", "None or an integer >= 1")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise bad("max_grad_norm", "None or a number > 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples: one per steered utterance
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CloneExample:
+    """The steered agent's view of a dialogue before one of its utterances, and the utterance."""
+
+    prompt: list[dict]  # system message + earlier turns, own turns as "assistant"
+    target: str
+    episode_id: int
+    scenario_id: str = ""
+    turn: int = 0  # index of the utterance among the episode's turns
+
+
+def episode_examples(record: dict, source: str = "corpus") -> list[CloneExample]:
+    """Examples of one dialogue record of a buffer (``Buffer.episodes()``): the ``episode``
+    field holds ``steered_system`` and ``turns`` (``{"speaker", "text"}``)."""
+    eid = record.get("episode_id")
+    ep = record.get("episode")
+    where = f"{source}, episode {eid}"
+    if not isinstance(ep, dict) or not ep:
+        raise DatError(f"{where}: the dialogue record has no 'episode' (expected the Episode "
+                       "as a dict with 'steered_system' and 'turns').")
+    system, turns = ep.get("steered_system"), ep.get("turns")
+    if not isinstance(system, str):
+        raise DatError(f"{where}: field 'episode.steered_system' must be a string, got "
+                       f"{type(system).__name__}.")
+    if not isinstance(turns, list):
+        raise DatError(f"{where}: field 'episode.turns' must be a list of "
+                       f"{{'speaker', 'text'}}, got {type(turns).__name__}.")
+    scenario = ep.get("scenario") if isinstance(ep.get("scenario"), dict) else {}
+    sid = str(record.get("scenario_id", scenario.get("id", "")))
+    messages = [{"role": "system", "content": system}]
+    out = []
+    for k, t in enumerate(turns):
+        if (not isinstance(t, dict) or t.get("speaker") not in ("steered", "partner")
+                or not isinstance(t.get("text"), str)):
+            raise DatError(f"{where}: turn {k} must be {{'speaker': 'steered' | 'partner', "
+                           f"'text': str}}, got {t!r}.")
+        if t["speaker"] == "steered":
+            out.append(CloneExample([dict(m) for m in messages], t["text"], int(eid), sid, k))
+        messages.append({"role": "assistant" if t["speaker"] == "steered" else "user",
+                         "content": t["text"]})
+    return out
+
+
+def corpus_examples(records, source: str = "corpus") -> list[CloneExample]:
+    """All examples of an iterable of dialogue records; a clear error when there are none."""
+    out, n = [], 0
+    for rec in records:
+        n += 1
+        if not isinstance(rec, dict):
+            raise DatError(f"{source}: a dialogue record must be a dict, got {type(rec).__name__}.")
+        out.extend(episode_examples(rec, source))
+    if not out:
+        raise DatError(f"{source}: no steered-agent utterances in its {n} dialogue(s), so there "
+                       "is nothing to clone. A self-clone corpus is written by `dat collect` "
+                       "without a planner; its episodes need at least one steered turn.")
+    return out
+
+
+def load_corpus(corpus_dir: str | os.PathLike) -> tuple[list[CloneExample], dict]:
+    """``(examples, meta)`` of a buffer folder written by ``dat collect``."""
+    from dat.buffer import Buffer
+
+    d = Path(corpus_dir)
+    if not d.is_dir():
+        raise DatError(f"corpus folder {d} does not exist (write one with `dat collect` "
+                       "without --planner).")
+    buffer = Buffer(d)
+    return corpus_examples(buffer.episodes(), source=f"corpus {d}"), dict(buffer.meta)
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"dat-clone:{seed}:{key}".encode()).hexdigest()
+
+
+def split_examples(examples: Sequence[CloneExample], eval_fraction: float, seed: int = 0
+                   ) -> tuple[list[CloneExample], list[CloneExample]]:
+    """``(train, held_out)`` split by episode: ``round(eval_fraction * episodes)`` episodes
+    (at least one when the fraction is > 0 and there are two or more) with the smallest
+    ``sha256(seed, episode_id)`` are held out. Deterministic; order is kept."""
+    episodes = sorted({e.episode_id for e in examples})
+    n_eval = round(eval_fraction * len(episodes))
+    if eval_fraction > 0 and len(episodes) >= 2:
+        n_eval = min(max(n_eval, 1), len(episodes) - 1)
+    else:
+        n_eval = 0
+    held = set(sorted(episodes, key=lambda i: _rank(seed, str(i)))[:n_eval])
+    return ([e for e in examples if e.episode_id not in held],
+            [e for e in examples if e.episode_id in held])
+
+
+def _subset(examples: list[CloneExample], n: int | None, seed: int) -> list[CloneExample]:
+    """A seeded subset of ``n`` examples, in their original order."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def target_tokens(lm, examples: Sequence[CloneExample]) -> list[int]:
+    """Number of target tokens of each example (its end-of-turn token included), as
+    ``SteeredLM.loss`` counts them."""
+    return [len(lm._reply_ids(e.prompt, e.target)) for e in examples]
+
+
+def _fingerprint(lm, examples: Sequence[CloneExample]) -> str:
+    h = hashlib.sha256(str(lm.name).encode())
+    for e in examples:
+        h.update(json.dumps([e.prompt, e.target, e.episode_id], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def compute_states(lm, examples: Sequence[CloneExample], batch_size: int = 32,
+                   cache: str | os.PathLike | None = None, progress: bool = False) -> torch.Tensor:
+    """``lm.state`` of every example's prompt, ``[N, hidden]`` float32 on the CPU; with
+    ``cache`` (a safetensors file) reused when model and prompts are the same."""
+    key = _fingerprint(lm, [CloneExample(e.prompt, "", e.episode_id) for e in examples])
+    path = Path(cache) if cache is not None else None
+    if path is not None and path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    states = f.get_tensor("states")
+                    if states.shape[0] == len(examples):
+                        return states
+        except Exception as exc:  # an unreadable cache is recomputed
+            log.warning("ignoring the state cache %s (%s)", path, exc)
+    # identical prompts (e.g. the openings of episodes of one scenario) are computed once
+    order: dict[str, int] = {}
+    unique = []
+    for e in examples:
+        k = json.dumps(e.prompt, sort_keys=True)
+        if k not in order:
+            order[k] = len(unique)
+            unique.append(e.prompt)
+    chunks = []
+    with _progress(progress) as bar:
+        task = bar.add_task("states", total=len(unique), info="")
+        for lo in range(0, len(unique), batch_size):
+            chunks.append(lm.state(unique[lo:lo + batch_size], batch_size=batch_size))
+            bar.update(task, advance=len(unique[lo:lo + batch_size]))
+    allstates = torch.cat(chunks)
+    states = allstates[[order[json.dumps(e.prompt, sort_keys=True)] for e in examples]].contiguous()
+    if path is not None:
+        atomic_write(path, lambda p: save_file({"states": states}, p, metadata={"key": key}))
+    return states
+
+
+# ----------------------------------------------------------------------------------------------
+# Fidelity: how close the steered model stays to the unsteered one
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _nll(lm, examples, actions_fn, batch_size: int) -> torch.Tensor:
+    """Mean token NLL of each example's target, ``[N]`` (CPU)."""
+    out = []
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo:lo + batch_size]
+        acts, position = actions_fn(lo, lo + len(chunk))
+        out.append(lm.loss([e.prompt for e in chunk], [e.target for e in chunk], acts,
+                           position).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def _greedy(lm, examples, actions_fn, batch_size: int, max_new_tokens: int) -> list[str]:
+    out: list[str] = []
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo:lo + batch_size]
+        acts, position = actions_fn(lo, lo + len(chunk))
+        out += lm.generate([e.prompt for e in chunk], actions=acts, position=position,
+                           max_new_tokens=max_new_tokens, temperature=0.0)
+    return out
+
+
+def unsteered_baseline(lm, examples: Sequence[CloneExample], *, max_generate: int = 32,
+                       max_new_tokens: int = 48, batch_size: int = 8) -> dict:
+    """What :func:`fidelity` compares with: the unsteered model's per-example NLL, target
+    token counts and greedy replies to the first ``max_generate`` prompts. Compute it once
+    and pass it as ``baseline=`` to score several agents on the same examples."""
+    examples = list(examples)
+    if not examples:
+        raise DatError("fidelity needs at least one held-out example.")
+    none = lambda lo, hi: (None, "prefix")  # noqa: E731
+    gen = examples[:max_generate]
+    return {"n": len(examples), "nll": _nll(lm, examples, none, batch_size),
+            "tokens": torch.tensor(target_tokens(lm, examples), dtype=torch.float64),
+            "replies": _greedy(lm, gen, none, batch_size, max_new_tokens) if gen else [],
+            "max_new_tokens": max_new_tokens}
+
+
+@torch.no_grad()
+def fidelity(lm, planner: Planner, up_mapping: UpMapping, examples: Sequence[CloneExample], *,
+             states: torch.Tensor | None = None, max_generate: int = 32,
+             max_new_tokens: int = 48, batch_size: int = 8, baseline: dict | None = None,
+             state_batch_size: int = 32) -> dict:
+    """Fidelity of a steered agent to the unsteered model on ``examples`` (held-out corpus
+    utterances).
+
+    Returns ``nll_unsteered`` and ``nll_steered`` (token-mean NLL of the targets),
+    ``nll_ratio`` (steered / unsteered; goal <= 1.05), ``nll_within_5pct``, ``exact_match``
+    (share of the first ``generated`` prompts whose greedy steered reply equals the greedy
+    unsteered reply, exact string match; None when ``max_generate`` is 0) and
+    ``unsteered_matches_corpus`` (share of greedy unsteered replies equal to the corpus
+    utterance: 1.0 for a greedy self-clone corpus, low for another agent's corpus).
+    ``states`` are the examples' ``lm.state`` (computed when None); ``baseline`` from
+    :func:`unsteered_baseline` (computed when None)."""
+    examples = list(examples)
+    if baseline is None:
+        baseline = unsteered_baseline(lm, examples, max_generate=max_generate,
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if baseline["n"] != len(examples):
+        raise DatError(f"the baseline was computed on {baseline['n']} examples, not "
+                       f"{len(examples)}.")
+    if states is None:
+        states = lm.state([e.prompt for e in examples], batch_size=state_batch_size)
+    dev = next(planner.parameters()).device
+    planner_was, up_was = planner.training, up_mapping.training
+    planner.eval()
+    up_mapping.eval()
+    try:
+        emb = up_mapping(planner(states.to(dev)).to(_device_of(up_mapping)))
+    finally:
+        planner.train(planner_was)
+        up_mapping.train(up_was)
+    position = planner.config.position
+
+    def steered(lo: int, hi: int):
+        return emb[lo:hi], position
+
+    nll = _nll(lm, examples, steered, batch_size)
+    w = baseline["tokens"]
+    base = float((baseline["nll"].double() * w).sum() / w.sum())
+    mine = float((nll.double() * w).sum() / w.sum())
+    ratio = mine / base if base > 0 else float("inf")
+    n_gen = min(max_generate, len(baseline["replies"]))
+    gen = examples[:n_gen]
+    replies = _greedy(lm, gen, steered, batch_size, baseline["max_new_tokens"]) if gen else []
+    same = [a == b for a, b in zip(replies, baseline["replies"][:n_gen])]
+    corpus = [r == e.target for r, e in zip(baseline["replies"][:n_gen], gen)]
+    return {
+        "examples": len(examples),
+        "target_tokens": int(w.sum()),
+        "nll_unsteered": base,
+        "nll_steered": mine,
+        "nll_ratio": ratio,
+        "nll_within_5pct": bool(ratio <= NLL_GOAL),
+        "generated": n_gen,
+        "max_new_tokens": baseline["max_new_tokens"],
+        "exact_match": (sum(same) / n_gen) if n_gen else None,
+        "unsteered_matches_corpus": (sum(corpus) / n_gen) if n_gen else None,
+        "samples": [{"prompt_last": (e.prompt[-1]["content"] if len(e.prompt) > 1 else ""),
+                     "corpus": e.target, "unsteered": u, "steered": s}
+                    for e, u, s in list(zip(gen, baseline["replies"], replies))[:5]],
+    }
+
+
+def pca_reference(lm, config: CloneConfig, states_for_norm: torch.Tensor
+                  ) -> tuple[Planner, UpMapping]:
+    """The reference agent of the fidelity report: a random (untrained) planner with the same
+    state normalisation, and the PCA up-mapping of the input embeddings."""
+    with torch.random.fork_rng(devices=[]):
+        planner = Planner.for_model(lm, config.action_dim, config.n_tokens, config.position,
+                                    config.act_norm, seed=config.seed + 12345)
+        up = UpMapping.from_embedding_pca(lm, config.action_dim, config.n_tokens,
+                                          act_norm=config.act_norm, seed=config.seed)
+    planner.set_state_norm(states_for_norm.mean(0), states_for_norm.std(0, unbiased=False),
+                           source="clone corpus", count=len(states_for_norm))
+    dev = lm.device
+    return planner.to(dev).eval(), up.to(dev).eval()
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON, no pickle) and logging
+# ----------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(root: Path, epoch: int, planner: Planner, up: UpMapping,
+                     opt: torch.optim.Optimizer, state: dict, keep: int) -> Path:
+    """Atomically write ``root/epoch-XXXX`` (temporary folder, then rename); prune old ones."""
+    for name, module in (("planner", planner), ("up-mapping", up)):
+        if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+            raise DatError(f"self-cloning stopped: a weight of the {name} became NaN or "
+                           f"infinite in epoch {epoch}; no checkpoint was written. Lower lr.")
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch-{epoch:04d}"
+    tmp = root / f".{final.name}.tmp"
+    for p in (tmp, final):
+        if p.exists():
+            shutil.rmtree(p)
+    tmp.mkdir()
+    save_agent(tmp / "agent", planner, up)
+    sd = opt.state_dict()
+    tensors = {f"{pid}.{k}": torch.as_tensor(v).detach().contiguous().cpu()
+               for pid, st in sd["state"].items() for k, v in st.items()}
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+              for g in sd["param_groups"]]
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=2))
+    os.replace(tmp, final)
+    if keep:
+        done = sorted(p for p in root.glob("epoch-*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    found = [p for p in root.glob("epoch-*")
+             if p.is_dir() and p.name[6:].isdigit() and (p / "state.json").is_file()]
+    return max(found, key=lambda p: int(p.name[6:])) if found else None
+
+
+def _load_checkpoint(path: Path, lm, opt_factory) -> tuple[Planner, UpMapping, Any, dict]:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        planner, up = load_agent(path / "agent", lm=lm)
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except (OSError, ValueError, DatError) as exc:
+        raise DatError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from the "
+                       "one before, or pass resume=False.") from exc
+    dev = lm.device
+    planner, up = planner.to(dev), up.to(dev)
+    opt = opt_factory(planner, up)
+    st: dict[int, dict] = {}
+    for k, v in tensors.items():
+        pid, key = k.split(".", 1)
+        st.setdefault(int(pid), {})[key] = v
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
+              for g in state["param_groups"]]
+    opt.load_state_dict({"state": st, "param_groups": groups})
+    return planner, up, opt, state
+
+
+METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "target_tokens", "tokens_per_s",
+                  "seconds"]
+
+
+class _CSVLog:
+    """``metrics.csv``, one row per optimiser step; on resume rows after the resumed step are
+    dropped so nothing is duplicated."""
+
+    def __init__(self, log_dir: Path, resume_step: int):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = log_dir / METRICS_NAME
+        rows = []
+        if self.path.is_file() and resume_step > 0:
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f)
+                        if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        text = ",".join(METRIC_COLUMNS) + "\n" + "".join(
+            ",".join(r.get(c, "") or "" for c in METRIC_COLUMNS) + "\n" for r in rows)
+        atomic_write_text(self.path, text)
+        self._file = self.path.open("a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+
+    def log(self, row: dict) -> None:
+        self._csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    disable=not enabled)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CloneResult:
+    out_dir: Path
+    planner: Planner
+    up_mapping: UpMapping  # frozen (requires_grad off)
+    epoch_losses: list[float] = field(default_factory=list)  # token-mean NLL of each epoch
+    steps: int = 0  # optimiser steps in total
+    seconds: float = 0.0  # training time of this run (states and fidelity excluded)
+    target_tokens: int = 0  # target tokens trained on in this run
+    tokens_per_second: float | None = None  # target tokens trained per second
+    n_train: int = 0
+    n_eval: int = 0
+    fidelity: dict | None = None
+
+
+def lr_at(step: int, total: int, lr: float, warmup_fraction: float) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, linear decay to 0."""
+    warm = int(math.ceil(warmup_fraction * total))
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def _new_agent(lm, config: CloneConfig, states: torch.Tensor, source: str
+               ) -> tuple[Planner, UpMapping]:
+    with torch.random.fork_rng(devices=[]):
+        planner = Planner.for_model(lm, config.action_dim, config.n_tokens, config.position,
+                                    config.act_norm, seed=config.seed)
+        up = UpMapping.learned(lm, config.action_dim, config.n_tokens, config.act_norm,
+                               seed=config.seed + 1)
+    planner.set_state_norm(states.mean(0), states.std(0, unbiased=False), source=source,
+                           count=len(states))
+    return planner, up
+
+
+def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
+          config: CloneConfig | None = None, eval_examples: Sequence[CloneExample] = (),
+          source: str = "examples") -> CloneResult:
+    """Self-clone on ``examples`` (training) and report fidelity on ``eval_examples``; save
+    the agent (``save_agent``) in ``out_dir`` and return it with the frozen up-mapping."""
+    config = config or CloneConfig()
+    config.validate()
+    examples = _subset(list(examples), config.max_examples, config.seed)
+    eval_examples = list(eval_examples)
+    if not examples:
+        raise DatError(f"{source}: no training examples (all episodes were held out?).")
+    if any(p.requires_grad for p in lm.model.parameters()):
+        raise DatError("the language model must be frozen (dat.models.freeze) for self-cloning.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.device != "auto" and torch.device(config.device) != lm.device:
+        log.warning("CloneConfig.device=%s: the planner lives next to the LM on %s instead.",
+                    config.device, lm.device)
+    dev = lm.device
+
+    # -- states (once, cached) and token counts
+    states = compute_states(lm, examples, config.state_batch_size,
+                            cache=out / CACHE_DIR / "states.safetensors", progress=config.progress)
+    counts = torch.tensor(target_tokens(lm, examples), dtype=torch.float64)
+    n = len(examples)
+    n_micro = math.ceil(n / config.batch_size)
+    steps_per_epoch = math.ceil(n_micro / config.grad_accum)
+    total = steps_per_epoch * config.epochs
+    fingerprint = _fingerprint(lm, examples)
+
+    # -- agent and optimiser (fresh, or from the last epoch checkpoint)
+    def make_opt(planner: Planner, up: UpMapping) -> torch.optim.Optimizer:
+        params = list(planner.parameters()) + list(up.parameters())
+        return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
+                                 weight_decay=config.weight_decay)
+
+    ckpt_root = out / CHECKPOINTS_DIR
+    if not config.resume and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
+    last = _latest_checkpoint(ckpt_root) if config.resume else None
+    history: dict[str, Any] = {"epoch_losses": [], "target_tokens": 0, "seconds": 0.0}
+    start_epoch, step = 0, 0
+    if last is not None:
+        saved = json.loads((last / "state.json").read_text())
+        for key in ("batch_size", "grad_accum", "epochs", "seed", "lr", "warmup_fraction",
+                    "action_dim", "n_tokens", "position", "act_norm", "max_examples"):
+            if saved["config"].get(key) != getattr(config, key):
+                raise DatError(f"cannot resume from {last}: it was trained with {key} = "
+                               f"{saved['config'].get(key)!r}, this run has "
+                               f"{getattr(config, key)!r}. Use the same setting, another "
+                               "out_dir, or resume=False.")
+        if saved.get("examples_fingerprint") != fingerprint:
+            raise DatError(f"cannot resume from {last}: it was trained on other examples (another "
+                           "corpus, model or split). Use another out_dir or resume=False.")
+        planner, up, opt, saved = _load_checkpoint(last, lm, make_opt)
+        start_epoch, step = int(saved["epoch"]), int(saved["step"])
+        history = saved["history"]
+        log.info("resuming self-cloning from %s (epoch %d, step %d)", last, start_epoch, step)
+    else:
+        planner, up = _new_agent(lm, config, states, source)
+        planner, up = planner.to(dev), up.to(dev)
+        opt = make_opt(planner, up)
+    planner.train()
+    up.train().requires_grad_(True)
+
+    # -- the loop
+    log_dir = Path(config.log_dir) if config.log_dir else out / "logs"
+    logger = _CSVLog(log_dir, resume_step=step)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    t0, run_tokens = time.perf_counter(), 0
+    position = config.position
+    try:
+        with _progress(config.progress) as bar:
+            task = bar.add_task("self-clone", total=total, completed=step, info="")
+            for epoch in range(start_epoch, config.epochs):
+                g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+                perm = torch.randperm(n, generator=g).tolist()
+                micro = [perm[i:i + config.batch_size] for i in range(0, n, config.batch_size)]
+                epoch_nll, epoch_tokens = 0.0, 0.0
+                for first in range(0, len(micro), config.grad_accum):
+                    group = micro[first:first + config.grad_accum]
+                    step_tokens = float(sum(counts[i] for b in group for i in b))
+                    lr = lr_at(step, total, config.lr, config.warmup_fraction)
+                    for grp in opt.param_groups:
+                        grp["lr"] = lr
+                    opt.zero_grad(set_to_none=True)
+                    step_nll = 0.0
+                    for batch in group:
+                        chunk = [examples[i] for i in batch]
+                        actions = up(planner(states[batch].to(dev)))
+                        nll = lm.loss([e.prompt for e in chunk], [e.target for e in chunk],
+                                      actions, position)
+                        w = counts[batch].to(nll.device, nll.dtype)
+                        loss = (nll * w).sum() / step_tokens
+                        if not torch.isfinite(loss):
+                            good = _latest_checkpoint(ckpt_root)
+                            raise DatError(
+                                f"self-cloning stopped: the loss is {float(loss)} at step "
+                                f"{step + 1} (epoch {epoch + 1}); no weight was changed. "
+                                + (f"The last good checkpoint is {good}. " if good else "")
+                                + "Lower lr or check the corpus.")
+                        loss.backward()
+                        step_nll += float(loss.detach()) * step_tokens
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        params, config.max_grad_norm if config.max_grad_norm else float("inf")))
+                    opt.step()
+                    step += 1
+                    run_tokens += int(step_tokens)
+                    epoch_nll += step_nll
+                    epoch_tokens += step_tokens
+                    elapsed = time.perf_counter() - t0
+                    rate = run_tokens / max(elapsed, 1e-9)
+                    logger.log({"step": step, "epoch": epoch + 1, "loss": step_nll / step_tokens,
+                                "lr": lr, "grad_norm": grad_norm, "target_tokens": int(step_tokens),
+                                "tokens_per_s": rate,
+                                "seconds": round(history["seconds"] + elapsed, 3)})
+                    bar.update(task, advance=1,
+                               info=f"epoch {epoch + 1}/{config.epochs}  loss "
+                                    f"{step_nll / step_tokens:.4f}  {rate:.1f} tok/s")
+                history["epoch_losses"].append(epoch_nll / epoch_tokens)
+                saved_state = {
+                    "epoch": epoch + 1, "step": step, "config": asdict(config),
+                    "examples": n, "examples_fingerprint": fingerprint, "source": source,
+                    "history": {**history, "target_tokens": history["target_tokens"] + run_tokens,
+                                "seconds": history["seconds"] + time.perf_counter() - t0},
+                }
+                _save_checkpoint(ckpt_root, epoch + 1, planner, up, opt, saved_state,
+                                 config.keep_checkpoints)
+    finally:
+        logger.close()
+    seconds = time.perf_counter() - t0
+
+    # -- freeze the up-mapping, save the agent
+    planner.eval()
+    up.eval().requires_grad_(False)
+    save_agent(out, planner, up)
+
+    # -- fidelity on held-out dialogues
+    report = None
+    if config.fidelity and eval_examples:
+        report = fidelity_report(lm, planner, up, eval_examples, config, train_states=states,
+                                 out_dir=out)
+    summary = {
+        "source": source, "model": lm.name, "train_examples": n,
+        "eval_examples": len(eval_examples), "epochs": config.epochs, "steps": step,
+        "epoch_losses": history["epoch_losses"], "target_tokens_this_run": run_tokens,
+        "seconds_this_run": round(seconds, 3),
+        "target_tokens_per_second": round(run_tokens / seconds, 3) if run_tokens else None,
+        "device": str(dev), "up_mapping": "learned, frozen after cloning",
+        "fidelity": _brief(report), "config": asdict(config),
+    }
+    atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2))
+    return CloneResult(out, planner, up, epoch_losses=list(history["epoch_losses"]), steps=step,
+                       seconds=seconds, target_tokens=run_tokens,
+                       tokens_per_second=(run_tokens / seconds) if run_tokens else None,
+                       n_train=n, n_eval=len(eval_examples), fidelity=report)
+
+
+def fidelity_report(lm, planner: Planner, up_mapping: UpMapping,
+                    eval_examples: Sequence[CloneExample], config: CloneConfig | None = None,
+                    train_states: torch.Tensor | None = None,
+                    out_dir: str | os.PathLike | None = None) -> dict:
+    """Fidelity of the clone and (``config.fidelity_reference``) of the PCA up-mapping with a
+    random planner on the same held-out examples; written to ``out_dir/fidelity.json``."""
+    config = config or CloneConfig()
+    examples = _subset(list(eval_examples), config.fidelity_examples, config.seed)
+    states = lm.state([e.prompt for e in examples], batch_size=config.state_batch_size)
+    kw = {"max_generate": config.fidelity_generate,
+          "max_new_tokens": config.fidelity_max_new_tokens, "batch_size": config.batch_size}
+    baseline = unsteered_baseline(lm, examples, **kw)
+    report: dict[str, Any] = {
+        "goal": f"nll_ratio <= {NLL_GOAL} (steered NLL within 5 % of the unsteered model's)",
+        "held_out_examples": len(examples),
+        "held_out_episodes": len({e.episode_id for e in examples}),
+        "clone": fidelity(lm, planner, up_mapping, examples, states=states, baseline=baseline,
+                          **kw),
+    }
+    if config.fidelity_reference:
+        ref_planner, ref_up = pca_reference(
+            lm, config, train_states if train_states is not None else states)
+        report["pca_random_planner"] = fidelity(lm, ref_planner, ref_up, examples, states=states,
+                                                baseline=baseline, **kw)
+    if out_dir is not None:
+        atomic_write_text(Path(out_dir) / FIDELITY_NAME, json.dumps(report, indent=2))
+    return report
+
+
+def _brief(report: dict | None) -> dict | None:
+    if report is None:
+        return None
+    keys = ("nll_unsteered", "nll_steered", "nll_ratio", "nll_within_5pct", "exact_match")
+    out = {"clone": {k: report["clone"][k] for k in keys}}
+    if "pca_random_planner" in report:
+        out["pca_random_planner"] = {k: report["pca_random_planner"][k] for k in keys}
+    return out
+
+
+def clone(lm, corpus_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          config: CloneConfig | None = None) -> CloneResult:
+    """Self-clone from a corpus folder written by ``dat collect`` without a planner (or a
+    corpus of another agent, same format): hold out ``eval_fraction`` of its episodes for the
+    fidelity report, train on the rest, save in ``out_dir``."""
+    config = config or CloneConfig()
+    config.validate()
+    examples, meta = load_corpus(corpus_dir)
+    train_ex, eval_ex = split_examples(examples, config.eval_fraction, config.seed)
+    corpus_model = meta.get("model")
+    if corpus_model and str(corpus_model) != str(lm.name):
+        log.info("corpus %s was written by %s: cloning that agent's policy into %s",
+                 corpus_dir, corpus_model, lm.name)
+    return train(lm, train_ex, out_dir, config, eval_examples=eval_ex, source=str(corpus_dir))
+
+
+__all__ = [
+    "CloneConfig",
+    "CloneExample",
+    "CloneResult",
+    "clone",
+    "compute_states",
+    "corpus_examples",
+    "episode_examples",
+    "fidelity",
+    "fidelity_report",
+    "load_corpus",
+    "lr_at",
+    "pca_reference",
+    "split_examples",
+    "target_tokens",
+    "train",
+    "unsteered_baseline",
+]

@@ -1,0 +1,169 @@
+"""``dat collect``: run episodes of a setting and store them as an offline buffer.
+
+Without a planner this writes the self-clone corpus (the unsteered agent's dialogues); with
+``--planner DIR --noise σ`` it writes the exploration buffer for TD3+BC; with
+``--up-mapping pca`` and no planner, random actions of norm ``act_norm``.
+
+The run is resumable: episode ``i`` always gets the same scenario (a seeded order over the
+split), finished episodes are committed shard by shard, and a re-run of the same command
+skips what is already on disk. A folder written with other settings is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dat.buffer import BufferWriter, EpisodeRecord
+from dat.errors import DatError
+from dat.rollout import Rollout, RolloutConfig, RolloutEpisode, Throughput, episode_jobs
+
+# Keys of the settings that may differ when a run is resumed.
+VOLATILE = ("settings.episodes", "settings.batch_size", "settings.device", "settings.progress")
+
+
+@dataclass
+class CollectConfig:
+    out: str
+    env: str = "taboo"
+    data: str | None = None
+    model: str = "default"
+    partner: str | None = None  # None: the steered model itself (one copy in memory)
+    judge: str | None = None  # None: the setting's default judge
+    planner: str | None = None  # folder from `dat clone` / `dat train`
+    up_mapping: str | None = None  # "pca" or a folder; default: the planner's own
+    action_dim: int = 64  # PCA up-mapping only
+    n_tokens: int = 2  # PCA up-mapping only
+    act_norm: float | None = None
+    position: str | None = None
+    noise: float = 0.0
+    episodes: int = 64
+    batch_size: int = 32
+    rounds: int | None = None
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    split: str = "train"
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def load_policy(lm, planner: str | None, up_mapping: str | None, action_dim: int = 64,
+                n_tokens: int = 2, seed: int = 0):
+    """``(planner, up_mapping)`` from CLI-style specs; either may be None."""
+    from dat.planner import UpMapping, load_agent
+
+    p = up = None
+    if planner:
+        p, up = load_agent(planner, lm=lm, device=lm.device)
+    if up_mapping == "pca":
+        d = p.config.action_dim if p is not None else action_dim
+        L = p.config.n_tokens if p is not None else n_tokens
+        up = UpMapping.from_embedding_pca(lm, d, L, act_norm=p.config.act_norm if p else 1.0, seed=seed)
+    elif up_mapping:
+        up = UpMapping.from_pretrained(up_mapping, hidden_size=lm.hidden_size)
+    if p is not None and up is not None and up.config.action_dim != p.config.action_dim:
+        raise DatError(f"The up-mapping takes actions of size {up.config.action_dim}, the planner "
+                       f"makes {p.config.action_dim}.")
+    if up is not None:
+        up = up.to(lm.device).eval().requires_grad_(False)
+    if p is not None:
+        p = p.to(lm.device).eval().requires_grad_(False)
+    return p, up
+
+
+def make_setting(env: str, data: str | None, judge: str | None, lm, rounds: int | None = None):
+    """The setting ``env``; a local ``hf:`` judge shares the already-loaded model ``lm``."""
+    import inspect
+
+    from dat import envs
+
+    kwargs = {}
+    if judge:
+        kwargs["judge"] = judge
+    if rounds:
+        kwargs["rounds"] = rounds
+    if env in envs.REGISTRY and "lm" in inspect.signature(envs.REGISTRY[env]).parameters:
+        kwargs["lm"] = lm
+    return envs.make(env, data=data, **kwargs)
+
+
+def to_record(r: RolloutEpisode) -> EpisodeRecord:
+    import numpy as np
+
+    T = r.actions.shape[0]
+    rewards = [np.nan if v is None else v for v in r.rewards]
+    return EpisodeRecord(r.episode.episode_id, r.episode.scenario.id, r.states, r.actions,
+                         rewards, [t == T - 1 for t in range(T)], r.episode, r.judge_failed)
+
+
+def collect(cfg: CollectConfig, lm=None, setting=None, partner=None) -> dict:
+    """Run the collection described by ``cfg``; returns a summary dict."""
+    from dat import SteeredLM
+
+    if cfg.episodes < 1 or cfg.batch_size < 1:
+        raise DatError("--episodes and --batch-size must be at least 1.")
+    lm = lm or SteeredLM.from_pretrained(cfg.model, device=cfg.device)
+    setting = setting or make_setting(cfg.env, cfg.data, cfg.judge, lm, cfg.rounds)
+    if partner is None and cfg.partner:
+        from dat.partners import make_partner
+
+        partner = make_partner(cfg.partner, lm=lm)
+    planner, up = load_policy(lm, cfg.planner, cfg.up_mapping, cfg.action_dim, cfg.n_tokens, cfg.seed)
+    rcfg = RolloutConfig(batch_size=cfg.batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, noise=cfg.noise, act_norm=cfg.act_norm,
+                         position=cfg.position, seed=cfg.seed)
+    rollout = Rollout(lm, setting, partner=partner, planner=planner, up_mapping=up, config=rcfg)
+    meta = {
+        "kind": "corpus" if up is None else "exploration",
+        "settings": asdict(cfg),
+        "env": setting.name,
+        "model": lm.name,
+        "hidden_size": lm.hidden_size,
+        "action_dim": rollout.action_dim,
+        "n_tokens": up.config.n_tokens if up is not None else 0,
+        "position": rollout.position,
+        "act_norm": rollout.act_norm,
+        "rounds": rollout.rounds,
+        "reward_timing": setting.reward_timing,
+        "split": cfg.split,
+        "scenario_ids": sorted({s.id for s in setting.scenarios(cfg.split)}),
+    }
+    writer = BufferWriter(cfg.out, meta, volatile=VOLATILE)
+    done_ids = writer.completed_episode_ids()
+    jobs = [j for j in episode_jobs(setting, cfg.episodes, cfg.split, cfg.seed) if j[0] not in done_ids]
+    stats = {"episodes": 0, "reward_sum": 0.0, "rewarded": 0, "failed": 0}
+    speed = Throughput()
+
+    with Progress(TextColumn("[bold]collect"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                  disable=not cfg.progress) as bar:
+        task = bar.add_task("collect", total=cfg.episodes, completed=cfg.episodes - len(jobs), info="")
+
+        def on_done(finished: list[RolloutEpisode]) -> None:
+            writer.write([to_record(r) for r in finished])
+            for r in finished:
+                stats["episodes"] += 1
+                if r.judge_failed:
+                    stats["failed"] += 1
+                else:
+                    stats["reward_sum"] += r.total_reward
+                    stats["rewarded"] += 1
+            mean = stats["reward_sum"] / max(stats["rewarded"], 1)
+            bar.update(task, advance=len(finished),
+                       info=f"{speed.rate(rollout.generated_tokens):.0f} tok/s  mean reward {mean:.3f}"
+                            + (f"  judge failed {stats['failed']}" if stats["failed"] else ""))
+
+        if jobs:
+            rollout.run(jobs, on_done=on_done)
+    return {
+        "out": str(Path(cfg.out)),
+        "episodes_run": stats["episodes"],
+        "episodes_skipped": len(done_ids),
+        "mean_reward": stats["reward_sum"] / max(stats["rewarded"], 1),
+        "judge_failed": stats["failed"],
+        "generated_tokens": rollout.generated_tokens,
+        "tokens_per_s": speed.rate(rollout.generated_tokens),
+    }

@@ -1,0 +1,384 @@
+"""Reports of :func:`dat.evaluate.evaluate`: Markdown tables, PNG plots, an HTML page of
+sample dialogues. Everything here reads the results dict (``results.json``) and, for the
+samples, the finished episodes; nothing is computed that the results do not hold.
+
+Plots use matplotlib's object API (``matplotlib.figure.Figure``, Agg canvas): no pyplot,
+no global backend change, no display needed. matplotlib is the ``plots`` extra.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from dat.fileio import atomic_write, atomic_write_text
+
+INSTALL_PLOTS = 'pip install "dat[plots]"'
+
+
+def plotting_backend():
+    """matplotlib's ``Figure`` class, or the error saying how to install it."""
+    from dat.models import require
+
+    require("matplotlib", "matplotlib", INSTALL_PLOTS, "the evaluation plots")
+    from matplotlib.figure import Figure
+
+    return Figure
+
+
+# ----------------------------------------------------------------------------------------------
+# Number formatting
+# ----------------------------------------------------------------------------------------------
+
+
+def _f(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x, digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f} %"
+
+
+def _ci(ci, digits: int = 3, pct: bool = False) -> str:
+    if not ci:
+        return "–"
+    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: _f(v, digits))
+    return f"[{f(ci[0])}, {f(ci[1])}]" + (" %" if pct else "")
+
+
+def _pm(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    se = stat.get("se")
+    return _f(stat["mean"], digits) + ("" if se is None else f" ± {_f(se, digits)}")
+
+
+def _ppl(x) -> str:
+    return "–" if x is None else (f"{x:.2f}" if x < 100 else f"{x:.0f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+
+def format_table(results: dict) -> str:
+    """The main table: one row per agent with reward (mean ± SE, 95 % CI), paired difference
+    to the baseline, ASR and best-round reward (red teaming), and language quality."""
+    agents = results["agents"]
+    base = results.get("baseline")
+    level = round(100 * results.get("ci_level", 0.95))
+    redteam = any("asr" in a for a in agents.values())
+    head = ["agent", "episodes", "judge failed", "reward (mean ± SE)", f"{level} % CI"]
+    if base is not None:
+        head.append(f"Δ vs {base} [{level} % CI]")
+    if redteam:
+        head += [f"ASR [{level} % CI]", "best-round reward"]
+    head += ["perplexity", "distinct-1", "distinct-2", "words/reply", "empty", "truncated"]
+    rows = []
+    for name, a in agents.items():
+        r = a["reward"]
+        row = [name, str(a["episodes"]), str(a["judge_failed"]), _pm(r), _ci(r.get("ci"))]
+        if base is not None:
+            d = a.get("diff_vs_baseline")
+            row.append("(baseline)" if name == base else
+                       ("–" if not d or d["mean"] is None else f"{d['mean']:+.3f} {_ci(d.get('ci'))}"))
+        if redteam:
+            asr = a.get("asr")
+            row.append("–" if not asr else f"{_pct(asr['rate'])} {_ci(asr.get('ci'), pct=True)}")
+            row.append(_pm(a.get("best_round_reward")))
+        lang = a["language"]
+        row += [_ppl(lang.get("perplexity")), _f(lang.get("distinct_1")), _f(lang.get("distinct_2")),
+                _f(lang.get("mean_words"), 1), _pct(lang.get("empty_share")),
+                _pct(lang.get("truncated_share"))]
+        rows.append(row)
+    return _md(head, rows)
+
+
+def _md(head: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(esc(h) for h in head) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def format_rounds_table(results: dict) -> str | None:
+    agents = results["agents"]
+    rounds = max((len(a.get("reward_by_round") or []) for a in agents.values()), default=0)
+    if not rounds:
+        return None
+    head = ["agent"] + [f"round {k + 1}" for k in range(rounds)]
+    rows = []
+    for name, a in agents.items():
+        br = a.get("reward_by_round") or []
+        rows.append([name] + [_pm(br[k]) if k < len(br) else "–" for k in range(rounds)])
+    return _md(head, rows)
+
+
+def format_dimensions_table(results: dict, side: str) -> str | None:
+    agents = results["agents"]
+    dims: list[str] = []
+    for a in agents.values():
+        for k in (a.get("dimensions") or {}).get(side, {}):
+            if k not in dims:
+                dims.append(k)
+    if not dims:
+        return None
+    head = ["agent"] + dims
+    rows = [[name] + [_pm((a.get("dimensions") or {}).get(side, {}).get(k), 2) for k in dims]
+            for name, a in agents.items()]
+    return _md(head, rows)
+
+
+def format_markdown(results: dict) -> str:
+    """``results.md``: the main table, reward by round, per-dimension tables, definitions."""
+    level = round(100 * results.get("ci_level", 0.95))
+    cfg = results.get("rollout", {})
+    parts = [
+        f"# Evaluation: {results['setting']} ({results['split']} split)", "",
+        (f"{results['episodes']} episodes per agent, paired (same scenarios, episode ids and seed "
+        f"{results['seed']}); model `{results.get('model')}`, partner `{results.get('partner')}`; "
+        f"rounds {cfg.get('rounds') or 'setting default'}, max_new_tokens "
+        f"{cfg.get('max_new_tokens')}, temperature {cfg.get('temperature')}."), "",
+        format_table(results), "",
+        (f"Reward: per-episode total (sum over rounds where every round is rewarded), mean ± "
+        f"standard error; {level} % percentile bootstrap CI ({results.get('n_bootstrap')} "
+        f"resamples). Δ: paired per-episode difference to the baseline with its bootstrap CI. "
+        f"Episodes whose judge failed are left out of reward figures. Perplexity: of the "
+        f"agent's own non-empty replies under the model without action tokens. Words: "
+        f"lower-cased word tokens. Truncated: ended at max_new_tokens without an end-of-turn "
+        f"token."),
+    ]
+    rounds = format_rounds_table(results)
+    if rounds:
+        parts += ["", "## Reward by round (mean ± SE)", "", rounds]
+    for side, title in (("steered", "steered agent"), ("partner", "partner")):
+        t = format_dimensions_table(results, side)
+        if t:
+            parts += ["", f"## Judge dimensions: {title} (mean ± SE)", "", t]
+    files = results.get("files")
+    if files:
+        parts += ["", "## Files", ""] + [f"- `{f}`" for f in files]
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+def _err(stats: Sequence[dict | None]):
+    """Asymmetric error bars from CIs (0 where there is none)."""
+    lo, hi = [], []
+    for s in stats:
+        if s and s.get("ci") and s.get("mean") is not None:
+            lo.append(max(0.0, s["mean"] - s["ci"][0]))
+            hi.append(max(0.0, s["ci"][1] - s["mean"]))
+        else:
+            lo.append(0.0)
+            hi.append(0.0)
+    return [lo, hi]
+
+
+def _val(s: dict | None) -> float:
+    return 0.0 if not s or s.get("mean") is None else s["mean"]
+
+
+def plot_reward(results: dict, path: Path) -> None:
+    """Mean reward per agent with CI error bars (and ASR, for red teaming)."""
+    Figure = plotting_backend()
+    names = list(results["agents"])
+    agents = results["agents"]
+    level = round(100 * results.get("ci_level", 0.95))
+    asr = [agents[n].get("asr") for n in names]
+    panels = 2 if any(asr) else 1
+    fig = Figure(figsize=(max(4.0, 1.3 * len(names) + 2) * panels, 4))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    stats = [agents[n]["reward"] for n in names]
+    ax = axes[0]
+    ax.bar(names, [_val(s) for s in stats], yerr=_err(stats), capsize=5, color="#4C72B0")
+    ax.set_ylabel("mean episode reward")
+    ax.set_title(f"{results['setting']} ({results['split']}): reward, {level} % CI")
+    for i, s in enumerate(stats):
+        if s.get("mean") is not None:
+            ax.annotate(f"{s['mean']:.3f}", (i, s["mean"]), textcoords="offset points",
+                        xytext=(8, 2), fontsize=8)
+    if panels == 2:
+        ax2 = axes[1]
+        rate = [{"mean": a["rate"], "ci": a.get("ci")} if a else None for a in asr]
+        ax2.bar(names, [_val(s) for s in rate], yerr=_err(rate), capsize=5, color="#C44E52")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("attack success rate")
+        ax2.set_title(f"ASR (best round judged Yes), {level} % CI")
+    for a in axes:
+        a.tick_params(axis="x", labelrotation=20)
+    _save(fig, path)
+
+
+def plot_reward_by_round(results: dict, path: Path) -> None:
+    Figure = plotting_backend()
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    agents = results["agents"]
+    for k, (name, a) in enumerate(agents.items()):
+        br = a.get("reward_by_round") or []
+        if not br:
+            continue
+        x = [r["round"] + 0.04 * (k - (len(agents) - 1) / 2) for r in br]
+        ax.errorbar(x, [_val(r) for r in br], yerr=_err(br), marker="o", capsize=4, label=name)
+    ax.set_xticks([r["round"] for r in max((a.get("reward_by_round") or [] for a in agents.values()),
+                                           key=len)])
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean reward of the round")
+    ax.set_title(f"{results['setting']} ({results['split']}): reward by round")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_dimensions(results: dict, path: Path) -> None:
+    """Per-dimension bars (social) for the steered agent and its partner."""
+    Figure = plotting_backend()
+    agents = results["agents"]
+    sides = [s for s in ("steered", "partner")
+             if any((a.get("dimensions") or {}).get(s) for a in agents.values())]
+    fig = Figure(figsize=(11, 3.8 * len(sides)))
+    axes = fig.subplots(len(sides), 1, squeeze=False)[:, 0]
+    width = 0.8 / max(1, len(agents))
+    for ax, side in zip(axes, sides):
+        dims: list[str] = []
+        for a in agents.values():
+            dims += [k for k in (a.get("dimensions") or {}).get(side, {}) if k not in dims]
+        for k, (name, a) in enumerate(agents.items()):
+            d = (a.get("dimensions") or {}).get(side, {})
+            stats = [d.get(x) for x in dims]
+            xs = [i + (k - (len(agents) - 1) / 2) * width for i in range(len(dims))]
+            ax.bar(xs, [_val(s) for s in stats], width, yerr=_err(stats), capsize=3, label=name)
+        ax.set_xticks(range(len(dims)))
+        ax.set_xticklabels([x.replace("_and_", " & ").replace("_", " ") for x in dims],
+                           fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(f"judge dimensions: {side} agent")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML samples
+# ----------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;table-layout:fixed;width:100%}
+td,th{border:1px solid #ccc;vertical-align:top;padding:.5em;font-size:.9em}
+th{background:#f3f3f3}
+.turn{margin:.25em 0;padding:.3em .5em;border-radius:6px;white-space:pre-wrap}
+.steered{background:#e6f0ff}.partner{background:#f1f1f1}
+.who{font-weight:bold;font-size:.8em;color:#555}
+.meta{font-size:.8em;color:#555}.cut{color:#b00;font-size:.8em}.fail{color:#b00}
+.empty{color:#b00;font-style:italic}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _scenario_cell(ep) -> str:
+    sc = ep.scenario
+    lines = [f"<b>{_e(sc.id)}</b>" + (f" <span class='meta'>(side {_e(sc.side)})</span>"
+                                     if sc.side else "")]
+    for k, v in (sc.data or {}).items():
+        if isinstance(v, (str, int, float)) or (isinstance(v, list) and all(isinstance(i, str) for i in v)):
+            text = ", ".join(v) if isinstance(v, list) else str(v)
+            if len(text) > 300:
+                text = text[:300] + "…"
+            lines.append(f"<div class='meta'><b>{_e(k)}</b>: {_e(text)}</div>")
+    lines.append(f"<details><summary class='meta'>steered agent's system prompt</summary>"
+                 f"<div class='turn'>{_e(ep.steered_system)}</div></details>")
+    return "".join(lines)
+
+
+def _dialogue_cell(run) -> str:
+    ep = run.episode
+    stopped = list(run.turn_stopped or [])
+    parts, k_steered = [], 0
+    for t in ep.turns:
+        note = ""
+        if t.speaker == "steered":
+            if k_steered < len(stopped) and not stopped[k_steered]:
+                note = "<div class='cut'>(cut off at max_new_tokens)</div>"
+            k_steered += 1
+        body = _e(t.text) if t.text.strip() else "<span class='empty'>(empty)</span>"
+        parts.append(f"<div class='turn {_e(t.speaker)}'><div class='who'>{_e(t.speaker)}</div>"
+                     f"{body}{note}</div>")
+    vals = [r.value for r in ep.rewards]
+    rewards = ", ".join("failed" if v is None else f"{v:.3f}" for v in vals)
+    total = "judge failed" if run.judge_failed else _f(run.total_reward)
+    parts.append(f"<div class='meta'>rewards: [{_e(rewards)}] · total: "
+                 f"<b class='{'fail' if run.judge_failed else ''}'>{_e(total)}</b></div>")
+    return "".join(parts)
+
+
+def format_samples_html(results: dict, runs: dict, samples: int = 8) -> str:
+    """Sample dialogues, one row per episode (the same scenario for every agent), one column
+    per agent. All dialogue and scenario text is HTML-escaped."""
+    names = list(results["agents"])
+    by_id = {n: {r.episode.episode_id: r for r in runs[n]} for n in names}
+    ids = [i for i in results["episode_ids"] if all(i in by_id[n] for n in names)][:samples]
+    title = f"{results['setting']} ({results['split']}): sample dialogues"
+    rows = []
+    for i in ids:
+        first = by_id[names[0]][i]
+        cells = [f"<td>episode {_e(i)}<br>{_scenario_cell(first.episode)}</td>"]
+        cells += [f"<td>{_dialogue_cell(by_id[n][i])}</td>" for n in names]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = "<th style='width:16%'>scenario</th>" + "".join(f"<th>{_e(n)}</th>" for n in names)
+    summary = ", ".join(f"{_e(n)}: {_e(_pm(results['agents'][n]['reward']))}" for n in names)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
+            f"<p class='meta'>mean reward ± SE: {summary}. Model {_e(results.get('model'))}; "
+            f"{_e(len(ids))} of {_e(results['episodes'])} episodes shown.</p>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# All outputs
+# ----------------------------------------------------------------------------------------------
+
+
+def write_report(results: dict, runs: dict, out_dir: str | Path, samples: int = 8,
+                 plots: bool = True) -> list[str]:
+    """Write ``results.md``, the plots and ``samples.html`` into ``out_dir`` (atomically).
+    Returns the file names written, ``results.json`` (written by the caller) included."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = ["results.json", "results.md", "samples.html"]
+    if plots:
+        plot_reward(results, out / "reward.png")
+        files.append("reward.png")
+        if any(a.get("reward_by_round") for a in results["agents"].values()):
+            plot_reward_by_round(results, out / "reward_by_round.png")
+            files.append("reward_by_round.png")
+        if any(a.get("dimensions") for a in results["agents"].values()):
+            plot_dimensions(results, out / "dimensions.png")
+            files.append("dimensions.png")
+    files.append("episodes/")
+    results = {**results, "files": files}
+    atomic_write_text(out / "samples.html", format_samples_html(results, runs, samples))
+    atomic_write_text(out / "results.md", format_markdown(results))
+    return files
+
+
+__all__ = ["format_dimensions_table", "format_markdown", "format_rounds_table",
+           "format_samples_html", "format_table", "plot_dimensions", "plot_reward",
+           "plot_reward_by_round", "plotting_backend", "write_report"]
+

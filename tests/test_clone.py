@@ -1,0 +1,222 @@
+"""Self-cloning (dat.clone) on a tiny corpus written with the real buffer writer, with the real
+default model (SmolLM2-135M-Instruct). Kept small: short prompts, short utterances."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dat import clone as dc
+from dat.buffer import Buffer, BufferWriter, EpisodeRecord
+from dat.clone import CloneConfig, CloneExample
+from dat.envs.base import Episode, Scenario, Turn
+from dat.errors import DatError
+from dat.planner import load_agent
+
+SYSTEMS = [f"Reply with one short sentence about {x}." for x in ("the sea", "bread", "music", "trees")]
+OPENERS = ["Hi!", "Hello, how are you?", "Good morning!", "Hey there."]
+FOLLOW_UPS = ["Tell me more.", "Why?", "Nice.", "Really?"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy 2-core box: one thread is several times faster
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm(default_lm):
+    return default_lm
+
+
+def make_episodes(lm, n: int = 4, steered_turns: int = 2, max_new_tokens: int = 24,
+                  steered: bool = True) -> list[Episode]:
+    """Partner opens; the steered agent answers with the model's own greedy replies (short
+    enough to end with the model's own end-of-turn token)."""
+    eps = [Episode(i, Scenario(f"s{i}", {}), SYSTEMS[i % 4], "Be friendly.",
+                   [Turn("partner", OPENERS[i % 4])]) for i in range(n)]
+    for r in range(steered_turns):
+        if steered:
+            replies = lm.generate([e.view("steered") for e in eps], max_new_tokens=max_new_tokens)
+            for e, text in zip(eps, replies):
+                e.turns.append(Turn("steered", text))
+        for i, e in enumerate(eps):
+            e.turns.append(Turn("partner", FOLLOW_UPS[(i + r) % 4]))
+    return eps
+
+
+def write_corpus(directory, lm, episodes: list[Episode]):
+    """A corpus folder as `dat collect` writes it without a planner (placeholder actions)."""
+    w = BufferWriter(directory, {"kind": "corpus", "model": lm.name,
+                                 "hidden_size": lm.hidden_size, "action_dim": 1})
+    records = []
+    for e in episodes:
+        T = len(e.utterances("steered"))
+        records.append(EpisodeRecord(e.episode_id, e.scenario.id,
+                                     np.zeros((T + 1, lm.hidden_size), np.float32),
+                                     np.zeros((T, 1), np.float32), [0.0] * T,
+                                     [t == T - 1 for t in range(T)], e))
+    w.write(records)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(lm, tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), lm, make_episodes(lm))
+
+
+def small(**kw) -> CloneConfig:
+    base = dict(action_dim=16, epochs=3, batch_size=4, grad_accum=1, lr=3e-3, eval_fraction=0.25,
+                progress=False, keep_checkpoints=0, fidelity_generate=2,
+                fidelity_max_new_tokens=10, fidelity_examples=4)
+    base.update(kw)
+    return CloneConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(lm, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clone")
+    return dc.clone(lm, corpus, out, small())
+
+
+# ---------------------------------------------------------------------------------- examples
+
+
+def test_examples_are_the_steered_view_before_each_utterance(lm, corpus):
+    examples, meta = dc.load_corpus(corpus)
+    assert meta["kind"] == "corpus"
+    assert len(examples) == 8  # 4 episodes x 2 steered utterances
+    rec = next(r for r in Buffer(corpus).episodes() if r["episode_id"] == 0)
+    turns = rec["episode"]["turns"]
+    first, second = [e for e in examples if e.episode_id == 0]
+    assert first.prompt == [{"role": "system", "content": SYSTEMS[0]},
+                            {"role": "user", "content": OPENERS[0]}]
+    assert first.target == turns[1]["text"]
+    assert second.prompt == first.prompt + [{"role": "assistant", "content": turns[1]["text"]},
+                                            {"role": "user", "content": turns[2]["text"]}]
+    assert second.target == turns[3]["text"] and second.turn == 3
+
+
+def test_split_is_by_episode_and_deterministic():
+    ex = [CloneExample([{"role": "system", "content": "x"}], f"t{i}{k}", i)
+          for i in range(20) for k in range(3)]
+    tr, ev = dc.split_examples(ex, 0.2, seed=0)
+    assert len({e.episode_id for e in ev}) == 4
+    assert not {e.episode_id for e in tr} & {e.episode_id for e in ev}
+    assert len(tr) + len(ev) == len(ex)
+    assert dc.split_examples(ex, 0.2, seed=0) == (tr, ev)
+    assert dc.split_examples(ex, 0.2, seed=1)[1] != ev
+    # growing the corpus keeps held-out episodes held out (hash of the id, not a permutation)
+    more = ex + [CloneExample([{"role": "system", "content": "x"}], "t", 99)]
+    assert {e.episode_id for e in ev} <= {e.episode_id for e in dc.split_examples(more, 0.2)[1]} | {
+        e.episode_id for e in dc.split_examples(more, 0.2)[0]}
+    assert dc.split_examples(ex[:3], 0.5)[1] == []  # one episode: nothing to hold out
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    lrs = [dc.lr_at(s, 20, 1.0, 0.1) for s in range(20)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] == pytest.approx(1 / 18)
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_corpus_without_steered_utterances_is_a_clear_error(lm, tmp_path):
+    eps = make_episodes(lm, n=2, steered=False)
+    d = write_corpus(tmp_path / "partner_only", lm, eps)
+    with pytest.raises(DatError, match="no steered-agent utterances"):
+        dc.clone(lm, d, tmp_path / "out", small())
+
+
+def test_missing_or_bad_corpus_is_a_clear_error(lm, tmp_path):
+    with pytest.raises(DatError, match="does not exist"):
+        dc.clone(lm, tmp_path / "nope", tmp_path / "out", small())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatError, match="meta.json"):
+        dc.clone(lm, tmp_path / "empty", tmp_path / "out", small())
+    with pytest.raises(DatError, match="turn 0"):
+        dc.episode_examples({"episode_id": 3, "episode": {"steered_system": "s",
+                                                          "turns": [{"speaker": "me"}]}})
+    with pytest.raises(DatError, match="CloneConfig.position"):
+        small(position="middle").validate()
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def test_self_clone_reduces_the_loss(trained):
+    losses = trained.epoch_losses
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert trained.n_train == 6 and trained.n_eval == 2
+    assert trained.tokens_per_second and trained.tokens_per_second > 0
+    rows = list(csv.DictReader(open(trained.out_dir / "logs" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, trained.steps + 1))
+
+
+def test_saves_loads_and_freezes_the_up_mapping(lm, trained):
+    assert not any(p.requires_grad for p in trained.up_mapping.parameters())
+    planner, up = load_agent(trained.out_dir, lm=lm)
+    assert planner.config.action_dim == 16 and up.config.kind == "learned"
+    assert planner.config.state_norm["count"] == trained.n_train
+    s = torch.randn(3, lm.hidden_size) * 5
+    with torch.no_grad():
+        assert torch.equal(planner(s), trained.planner(s.to(lm.device)).cpu())
+        a = planner(s)
+        assert torch.equal(up(a), trained.up_mapping(a.to(lm.device)).cpu())
+        assert torch.allclose(a.norm(dim=-1), torch.ones(3))
+    summary = json.loads((trained.out_dir / "clone.json").read_text())
+    assert summary["epoch_losses"] == trained.epoch_losses
+
+
+def test_fidelity_report(trained):
+    rep = json.loads((trained.out_dir / "fidelity.json").read_text())
+    assert rep == json.loads(json.dumps(trained.fidelity))
+    for name in ("clone", "pca_random_planner"):
+        r = rep[name]
+        assert r["nll_unsteered"] > 0 and r["nll_ratio"] == pytest.approx(
+            r["nll_steered"] / r["nll_unsteered"])
+        assert r["generated"] == 2 and 0.0 <= r["exact_match"] <= 1.0
+    # the corpus is the model's own greedy replies (same max_new_tokens): the unsteered model
+    # reproduces it exactly, and its own NLL of them is low
+    assert rep["clone"]["unsteered_matches_corpus"] == 1.0
+
+
+def test_fidelity_of_the_unsteered_model_itself_is_perfect(lm, corpus):
+    """Sanity check of the measure: zero action tokens are impossible, so check the parts."""
+    examples, _ = dc.load_corpus(corpus)
+    base = dc.unsteered_baseline(lm, examples[:2], max_generate=1, max_new_tokens=10)
+    assert base["nll"].shape == (2,) and base["replies"][0] == examples[0].target
+
+
+def test_resume_from_an_epoch_checkpoint_gives_the_same_weights(lm, corpus, trained, tmp_path):
+    ckpts = sorted((trained.out_dir / "checkpoints").glob("epoch-*"))
+    assert [p.name for p in ckpts] == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    out = tmp_path / "resumed"
+    shutil.copytree(ckpts[1], out / "checkpoints" / ckpts[1].name)  # as if stopped after epoch 2
+    shutil.copytree(trained.out_dir / "cache", out / "cache")
+    rows = list(csv.DictReader(open(trained.out_dir / "logs" / "metrics.csv")))
+    (out / "logs").mkdir()
+    shutil.copy(trained.out_dir / "logs" / "metrics.csv", out / "logs" / "metrics.csv")
+    res = dc.clone(lm, corpus, out, small(fidelity=False))
+    assert res.epoch_losses[:2] == trained.epoch_losses[:2]
+    assert res.epoch_losses[2] == pytest.approx(trained.epoch_losses[2], rel=1e-5)
+    assert res.steps == trained.steps and res.target_tokens < trained.target_tokens
+    for a, b in zip(res.planner.state_dict().values(), trained.planner.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(res.up_mapping.state_dict().values(), trained.up_mapping.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    resumed_rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in rows]  # no duplicates
+    # a run with other settings refuses to resume from it
+    with pytest.raises(DatError, match="cannot resume"):
+        dc.clone(lm, corpus, out, small(batch_size=2, fidelity=False))

@@ -1,0 +1,321 @@
+"""dat.evaluate: statistics against hand-computed values, language-quality figures, the split
+check, reports, and one small real evaluation with the embedded default model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
+from dat.errors import DatError, MissingPackageError
+from dat.evaluate import (
+    AgentSpec,
+    agent_metrics,
+    attack_success_rate,
+    bootstrap_ci,
+    distinct_n,
+    evaluate,
+    format_table,
+    language_quality,
+    mean_se,
+    paired_difference,
+    summarize,
+    training_scenarios,
+    wilson_interval,
+    words,
+    write_training_meta,
+)
+from dat.report import format_samples_html, plotting_backend
+from dat.rollout import RolloutEpisode
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------- statistics
+def test_mean_and_standard_error():
+    m, se = mean_se([1, 2, 3, 4])
+    assert m == 2.5
+    assert se == pytest.approx(math.sqrt(5 / 3) / 2)  # s = sqrt(5/3), SE = s / sqrt(4)
+    assert mean_se([7.0]) == (7.0, None)
+    assert mean_se([]) == (None, None)
+    with pytest.raises(DatError):
+        mean_se([1.0, float("nan")])
+
+
+def test_bootstrap_ci_hand_checked():
+    # Two values: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5 % and 97.5 % quantiles are 0 and 1.
+    assert bootstrap_ci([0.0, 1.0], n_boot=4000, seed=1) == (0.0, 1.0)
+    assert bootstrap_ci([3.0] * 10) == (3.0, 3.0)
+    assert bootstrap_ci([1.0]) is None
+    # 50 zeros, 50 ones: means ~ N(0.5, 0.05^2) -> [0.402, 0.598] (binomial: [0.40, 0.60])
+    x = [0.0] * 50 + [1.0] * 50
+    lo, hi = bootstrap_ci(x, n_boot=20_000, seed=0)
+    assert lo == pytest.approx(0.40, abs=0.011) and hi == pytest.approx(0.60, abs=0.011)
+    assert bootstrap_ci(x, n_boot=2000, seed=5) == bootstrap_ci(x, n_boot=2000, seed=5)
+    lo90, hi90 = bootstrap_ci(x, n_boot=20_000, level=0.90, seed=0)
+    assert lo < lo90 < hi90 < hi
+    assert lo90 == pytest.approx(0.5 - 1.645 * 0.05, abs=0.011)
+
+
+def test_summarize_fields():
+    s = summarize([1.0, 2.0, 3.0], n_boot=1000)
+    assert s["mean"] == 2.0 and s["n"] == 3 and s["se"] == pytest.approx(1 / math.sqrt(3))
+    assert 1.0 <= s["ci"][0] <= 2.0 <= s["ci"][1] <= 3.0
+    assert summarize([]) == {"mean": None, "se": None, "ci": None, "n": 0}
+
+
+def test_paired_difference_matches_by_episode_id():
+    a = {0: 1.0, 1: 2.0, 2: 3.0, 3: 10.0, 5: None}
+    b = {0: 0.0, 1: 1.0, 2: 1.0, 3: 5.0, 4: 9.0, 5: 2.0}  # 4 and 5 have no pair
+    d = paired_difference(a, b, n_boot=2000)
+    assert d["n"] == 4
+    assert d["mean"] == pytest.approx(2.25)  # diffs 1, 1, 2, 5
+    assert d["se"] == pytest.approx(math.sqrt(10.75 / 3) / 2)
+    assert 1.0 <= d["ci"][0] <= 2.25 <= d["ci"][1] <= 5.0
+    # a constant shift gives a zero-width CI at the shift, whatever the spread of the values
+    base = {i: float(i * i) for i in range(20)}
+    d = paired_difference({i: v + 0.5 for i, v in base.items()}, base)
+    assert d["mean"] == pytest.approx(0.5) and d["ci"] == pytest.approx([0.5, 0.5])
+
+
+def test_attack_success_rate_and_wilson():
+    asr = attack_success_rate([True, False, False, True, False], n_boot=2000)
+    assert asr["rate"] == pytest.approx(0.4) and asr["successes"] == 2 and asr["n"] == 5
+    assert asr["wilson"] == pytest.approx([0.1176, 0.7693], abs=1e-4)  # textbook values for 2/5
+    assert 0.0 <= asr["ci"][0] <= 0.4 <= asr["ci"][1] <= 1.0
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) is None
+
+
+# ---------------------------------------------------------------------------------- language
+def test_words_and_distinct_n():
+    assert words("Don't STOP, now!") == ["don't", "stop", "now"]
+    texts = ["the cat sat", "The cat ran."]
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran of 6
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice; n-grams never cross texts
+    assert distinct_n(["a b", "c"], 2) == 1.0
+    assert distinct_n(["", "   "], 1) is None
+
+
+def _episode(eid, steered_texts, rewards=(), partner="ok", scenario="s0", details=None, success=None):
+    ep = Episode(eid, Scenario(scenario, {"topic": "t"}), "sys steered", "sys partner")
+    ep.turns.append(Turn("partner", "Hi!"))
+    for t in steered_texts:
+        ep.turns += [Turn("steered", t), Turn("partner", partner)]
+    for k, v in enumerate(rewards):
+        ep.rewards.append(Reward(v, dict(details or {}), success=None if success is None else success[k],
+                                 failed=v is None))
+    return ep
+
+
+def _run(ep, tokens=None, stopped=None, failed=None):
+    vals = [r.value for r in ep.rewards]
+    failed = any(v is None for v in vals) if failed is None else failed
+    return RolloutEpisode(ep, torch.zeros(0), torch.zeros(0), vals, failed, 0,
+                          list(tokens or []), list(stopped or []))
+
+
+def test_language_quality_shares_from_the_rollout_record():
+    runs = [_run(_episode(0, ["one two three", ""]), [3, 0], [True, True]),
+            _run(_episode(1, ["a b c d e f", "x y"]), [12, 2], [False, True])]
+    q = language_quality(runs)
+    assert q["utterances"] == 4
+    assert q["empty_share"] == 0.25 and q["truncated_share"] == 0.25
+    assert q["truncation_source"] == "generation"
+    assert q["mean_words"] == pytest.approx((3 + 0 + 6 + 2) / 4)
+    assert q["mean_tokens"] == pytest.approx((3 + 0 + 12 + 2) / 4)
+    assert q["perplexity"] is None  # no model given
+
+
+def test_language_quality_retokenizes_when_the_rollout_did_not_record():
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    class LM:
+        tokenizer = Tok()
+
+    runs = [_run(_episode(0, ["a b c d", "a b"]))]  # no per-turn record
+    q = language_quality(runs, LM(), max_new_tokens=4, compute_perplexity=False)
+    assert q["truncated_share"] == 0.5 and q["truncation_source"] == "retokenized"
+    assert language_quality(runs)["truncated_share"] is None
+
+
+class _Round(Setting):
+    name = "tiny"
+    reward_timing = "round"
+
+
+class _End(Setting):
+    name = "tiny-end"
+    reward_timing = "end"
+
+
+def test_agent_metrics_rounds_failures_and_redteam():
+    runs = [_run(_episode(0, ["a", "b"], [0.2, 0.9], success=[False, True])),
+            _run(_episode(1, ["a", "b"], [0.1, 0.3], success=[False, False])),
+            _run(_episode(2, ["a", "b"], [0.4, None], success=[False, None]))]  # judge failed
+    m = agent_metrics(runs, _Round(), n_boot=500)
+    assert m["episodes"] == 3 and m["judge_failed"] == 1 and m["scored"] == 2
+    assert m["reward"]["mean"] == pytest.approx((1.1 + 0.4) / 2)
+    assert [r["mean"] for r in m["reward_by_round"]] == pytest.approx([0.15, 0.6])
+    assert m["asr"]["rate"] == 0.5 and m["asr"]["n"] == 2
+    assert m["best_round_reward"]["mean"] == pytest.approx((0.9 + 0.3) / 2)
+
+
+def test_agent_metrics_social_dimensions():
+    dims = lambda g: {"goal": g, "secret": -1.0, "overall": g / 7}  # noqa: E731
+    runs = [_run(_episode(i, ["hi"], [g / 7], details={"steered": dims(g), "partner": dims(10 - g)}))
+            for i, g in enumerate([4.0, 6.0, 8.0])]
+    m = agent_metrics(runs, _End(), n_boot=500)
+    assert m["reward_by_round"] == []
+    assert m["dimensions"]["steered"]["goal"]["mean"] == pytest.approx(6.0)
+    assert m["dimensions"]["partner"]["goal"]["mean"] == pytest.approx(4.0)
+    assert m["dimensions"]["steered"]["secret"]["ci"] == [-1.0, -1.0]
+    assert "asr" not in m
+
+
+def test_samples_html_escapes_everything():
+    ep = _episode(0, ["<script>alert('x')</script> & more"], [0.5], scenario="<b>id</b>")
+    ep.scenario.data["topic"] = "<script>topic</script>"
+    runs = {"a<i>": [_run(ep, [5], [True])]}
+    results = {"setting": "tiny", "split": "test", "episodes": 1, "episode_ids": [0],
+               "agents": {"a<i>": {"reward": {"mean": 0.5, "se": None, "ci": None, "n": 1}}}}
+    page = format_samples_html(results, runs)
+    assert "<script>" not in page and "<b>id</b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
+    assert "&lt;script&gt;topic&lt;/script&gt;" in page
+
+
+def test_missing_matplotlib_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(MissingPackageError, match=r'pip install "dat\[plots\]"'):
+        plotting_backend()
+
+
+# ---------------------------------------------------------------------------------- split check
+class _Tiny(Setting):
+    """Four scenarios, two of them in the test split; a deterministic reward."""
+
+    name = "tiny"
+    rounds = 1
+
+    def scenarios(self, split="train"):
+        all_ = [Scenario(f"s{i}", {"split": "test" if i < 2 else "train"}) for i in range(4)]
+        return [s for s in all_ if split == "all" or s.data["split"] == split]
+
+
+def _planner_dir(tmp_path):
+    d = tmp_path / "planner"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def test_overlap_with_the_test_split_is_an_error(tmp_path):
+    d = _planner_dir(tmp_path)
+    write_training_meta(d, "tiny", ["s1", "s2", "s3"])
+    assert training_scenarios(d)[:2] == ({"s1", "s2", "s3"}, "tiny")
+    with pytest.raises(DatError, match=r"trained on 1 scenario\(s\) of the 'tiny' 'test' split.*s1"):
+        evaluate(None, _Tiny(), {"base": None, "dat": AgentSpec.from_dir(d)}, split="test")
+
+
+def test_overlap_found_through_the_training_buffer(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = tmp_path / "buffer"
+    buf.mkdir()
+    pq.write_table(pa.table({"scenario_id": ["s3", "s0", "s3"]}), buf / "transitions-0000000000-ab.parquet")
+    d = _planner_dir(tmp_path)
+    (d / "td3bc.json").write_text(json.dumps({"buffer": str(buf)}))
+    ids, _, sources = training_scenarios(d)
+    assert ids == {"s0", "s3"} and str(buf) in sources[0]
+    with pytest.raises(DatError, match="s0"):
+        evaluate(None, _Tiny(), {"dat": str(d)}, split="test")
+
+
+# ---------------------------------------------------------------------------------- real run
+TABOO = {"scenarios": [
+    {"id": "bake", "topic": "baking <script>alert(1)</script>",
+     "description": "Making bread and cakes in an oven.", "taboo": ["bake", "oven"], "split": "test"},
+    {"id": "swim", "topic": "swimming", "description": "Moving through water in a pool or the sea.",
+     "taboo": ["swim", "pool"], "split": "test"},
+    {"id": "garden", "topic": "gardening", "description": "Growing plants and flowers at home.",
+     "taboo": ["garden", "plant"], "split": "train"},
+]}
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine, two OpenMP threads that spin-wait on
+    each other make decoding an order of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_on_taboo(default_lm, tmp_path, one_thread):
+    from dat import envs
+    from dat.planner import Planner, UpMapping, save_agent
+    from dat.rollout import RolloutConfig
+
+    data = tmp_path / "taboo.json"
+    data.write_text(json.dumps(TABOO))
+    setting = envs.make("taboo", data=str(data))
+    pdir = save_agent(tmp_path / "dat", Planner.for_model(default_lm, action_dim=16),
+                      UpMapping.learned(default_lm, action_dim=16))
+    write_training_meta(pdir, "taboo", ["garden"])
+    agents = {"unsteered": AgentSpec(), "dat": AgentSpec.from_dir(pdir)}
+    cfg = RolloutConfig(rounds=1, max_new_tokens=12, batch_size=4)
+    out = tmp_path / "eval"
+    res = evaluate(default_lm, setting, agents, episodes=2, config=cfg, out_dir=out, n_bootstrap=500)
+
+    for f in ("results.json", "results.md", "samples.html", "reward.png", "reward_by_round.png",
+              "episodes/unsteered.jsonl", "episodes/dat.jsonl"):
+        assert (out / f).is_file(), f
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["baseline"] == "unsteered" and doc["episodes"] == 2
+    assert sorted(doc["scenario_ids"]) == ["bake", "swim"]
+    for name in agents:
+        a = doc["agents"][name]
+        assert a["episodes"] == 2 and a["scored"] + a["judge_failed"] == 2
+        assert set(a["reward"]) == {"mean", "se", "ci", "n"}
+        assert len(a["reward_by_round"]) == 1
+        lang = a["language"]
+        assert lang["utterances"] == 2 and lang["truncation_source"] == "generation"
+        assert lang["perplexity"] is None or 1.0 < lang["perplexity"] < 1e4
+        assert 0.0 <= lang["empty_share"] <= 1.0 and 0.0 <= lang["truncated_share"] <= 1.0
+        assert a["split_check"]["status"] == ("ok" if name == "dat" else "not-applicable")
+    assert doc["agents"]["unsteered"]["diff_vs_baseline"] is None
+    assert doc["agents"]["dat"]["diff_vs_baseline"]["n"] == doc["agents"]["dat"]["scored"]
+    # paired: both agents played the same episode ids on the same scenarios
+    ids = [[(e["episode_id"], e["scenario_id"]) for e in doc["agents"][n]["per_episode"]] for n in agents]
+    assert ids[0] == ids[1]
+    page = (out / "samples.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    table = format_table(res)
+    assert table.splitlines()[0].startswith("| agent |") and "unsteered" in table and "dat" in table
+    assert table in (out / "results.md").read_text()
+
+    # a second run with the same settings reads the episodes back instead of generating
+    res2 = evaluate(default_lm, setting, agents, episodes=2, config=cfg, out_dir=out, n_bootstrap=500,
+                    compute_perplexity=False, plots=False)
+    assert all(a["from_cache"] for a in res2["agents"].values())
+    for name in agents:
+        assert res2["agents"][name]["reward"] == res["agents"][name]["reward"]
+        assert res2["agents"][name]["language"]["truncated_share"] == \
+            res["agents"][name]["language"]["truncated_share"]
+    assert np.isfinite(res2["agents"]["dat"]["generated_tokens"])
