@@ -52,7 +52,7 @@ def make_random_agent(directory: str) -> str:
 def start_server(args, planner: str | None, log_path: str):
     port = free_port()
     options = {"model": args.model, "planner": planner, "port": port, "max_batch": args.max_batch,
-               "max_wait_ms": args.max_wait_ms, "log_level": "warning"}
+               "max_wait_ms": args.max_wait_ms, "threads": args.threads, "log_level": "warning"}
     code = "import json, sys; from dat.serve import serve_command; serve_command(**json.loads(sys.argv[1]))"
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(options)], stdout=log,
@@ -82,7 +82,19 @@ def stop_server(proc) -> None:
             proc.wait()
 
 
-def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system, all threads) a process has used so far; Linux only."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int,
+              server_pid: int | None = None) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
@@ -104,19 +116,24 @@ def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: i
                                     "batch": data["dat"]["batch_size"]})
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    cpu0 = cpu_seconds(server_pid)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu1 = cpu_seconds(server_pid)
+    cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     lat = sorted(r["latency"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "wall_s": round(wall, 2),
             "requests_per_s": round(len(results) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
             "generated_tokens": tokens, "latency_p50_s": round(statistics.median(lat), 2),
             "latency_p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 2),
-            "mean_batch": round(statistics.mean(r["batch"] for r in results), 2)}
+            "mean_batch": round(statistics.mean(r["batch"] for r in results), 2),
+            "server_cpu_s": None if cpu is None else round(cpu, 2),
+            "tokens_per_server_cpu_s": None if not cpu else round(tokens / cpu, 2)}
 
 
 def main() -> None:
@@ -130,6 +147,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the server (1 avoids oversubscription on a busy CPU)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
@@ -148,7 +167,8 @@ def main() -> None:
         run_level(url, args.served_model, 1, 1, 4)  # warm-up
         rows = []
         for clients, n in zip(levels, per):
-            row = run_level(url, args.served_model, clients, n, args.max_tokens)
+            row = run_level(url, args.served_model, clients, n, args.max_tokens,
+                            proc.pid if proc is not None else None)
             rows.append(row)
             print(f"  {clients:>3} clients: {row['requests_per_s']:.3f} req/s, "
                   f"{row['tokens_per_s']:.1f} tok/s", flush=True)
@@ -160,22 +180,31 @@ def main() -> None:
     for r in rows:
         r["speedup_tokens"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
         r["speedup_requests"] = round(r["requests_per_s"] / base["requests_per_s"], 2)
+        if r["tokens_per_server_cpu_s"] and base["tokens_per_server_cpu_s"]:
+            r["speedup_tokens_per_cpu_s"] = round(
+                r["tokens_per_server_cpu_s"] / base["tokens_per_server_cpu_s"], 2)
     head = f"{'clients':>7} {'requests':>8} {'wall s':>7} {'req/s':>7} {'tok/s':>7} {'p50 s':>6} " \
-           f"{'p95 s':>6} {'batch':>5} {'x tok/s':>7}"
+           f"{'p95 s':>6} {'batch':>5} {'x tok/s':>7} {'tok/cpu-s':>9} {'x':>5}"
     print(head)
     for r in rows:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['wall_s']:>7.1f} {r['requests_per_s']:>7.3f} "
               f"{r['tokens_per_s']:>7.1f} {r['latency_p50_s']:>6.1f} {r['latency_p95_s']:>6.1f} "
-              f"{r['mean_batch']:>5.1f} {r['speedup_tokens']:>7.2f}")
+              f"{r['mean_batch']:>5.1f} {r['speedup_tokens']:>7.2f} "
+              f"{r['tokens_per_server_cpu_s'] or float('nan'):>9.1f} "
+              f"{r.get('speedup_tokens_per_cpu_s') or float('nan'):>5.2f}")
     import torch
 
     out = {"benchmark": "dat serve throughput (closed-loop clients, greedy)",
+           "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
            "model": health.get("model"), "planner": "random (PCA up-mapping)" if args.steered else None,
            "served_model": args.served_model, "max_tokens": args.max_tokens,
            "max_batch": health.get("max_batch"), "max_wait_ms": health.get("max_wait_ms"),
+           "server_threads": args.threads or torch.get_num_threads(),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                       "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+                       "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+           "note": "tok/cpu-s divides by the CPU time the server process used during the level; "
+                   "on a CPU shared with other jobs it is the fairer comparison between levels",
            "levels": rows,
            "target": {"clients_32_vs_1_tokens_per_s": ">= 5x",
                       "met": any(r["clients"] == 32 and r["speedup_tokens"] >= 5 for r in rows)}}

@@ -4,6 +4,7 @@ default model (SmolLM2-135M-Instruct). Kept small: short prompts, short utteranc
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import shutil
 
@@ -52,9 +53,9 @@ def make_episodes(lm, n: int = 4, steered_turns: int = 2, max_new_tokens: int = 
     return eps
 
 
-def write_corpus(directory, lm, episodes: list[Episode]):
+def write_corpus(directory, lm, episodes: list[Episode], model: str | None = None):
     """A corpus folder as `dat collect` writes it without a planner (placeholder actions)."""
-    w = BufferWriter(directory, {"kind": "corpus", "model": lm.name,
+    w = BufferWriter(directory, {"kind": "corpus", "model": model or lm.name,
                                  "hidden_size": lm.hidden_size, "action_dim": 1})
     records = []
     for e in episodes:
@@ -72,10 +73,16 @@ def corpus(lm, tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"), lm, make_episodes(lm))
 
 
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def small(**kw) -> CloneConfig:
-    base = dict(action_dim=16, epochs=3, batch_size=4, grad_accum=1, lr=3e-3, eval_fraction=0.25,
-                progress=False, keep_checkpoints=0, fidelity_generate=2,
-                fidelity_max_new_tokens=10, fidelity_examples=4)
+    base = {"action_dim": 16, "epochs": 4, "batch_size": 2, "grad_accum": 1, "lr": 1e-2,
+            "warmup_fraction": 0.0, "eval_fraction": 0.25, "progress": False,
+            "keep_checkpoints": 0, "fidelity_generate": 2, "fidelity_max_new_tokens": 24,
+            "fidelity_examples": 4}
     base.update(kw)
     return CloneConfig(**base)
 
@@ -123,7 +130,7 @@ def test_split_is_by_episode_and_deterministic():
 def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [dc.lr_at(s, 20, 1.0, 0.1) for s in range(20)]
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
     assert lrs[-1] == pytest.approx(1 / 18)
 
 
@@ -155,11 +162,11 @@ def test_missing_or_bad_corpus_is_a_clear_error(lm, tmp_path):
 
 def test_self_clone_reduces_the_loss(trained):
     losses = trained.epoch_losses
-    assert len(losses) == 3 and all(np.isfinite(losses))
-    assert losses[-1] < losses[0] * 0.9, losses
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0] * 0.95, losses
     assert trained.n_train == 6 and trained.n_eval == 2
     assert trained.tokens_per_second and trained.tokens_per_second > 0
-    rows = list(csv.DictReader(open(trained.out_dir / "logs" / "metrics.csv")))
+    rows = read_csv(trained.out_dir / "logs" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, trained.steps + 1))
 
 
@@ -191,32 +198,38 @@ def test_fidelity_report(trained):
     assert rep["clone"]["unsteered_matches_corpus"] == 1.0
 
 
-def test_fidelity_of_the_unsteered_model_itself_is_perfect(lm, corpus):
-    """Sanity check of the measure: zero action tokens are impossible, so check the parts."""
-    examples, _ = dc.load_corpus(corpus)
-    base = dc.unsteered_baseline(lm, examples[:2], max_generate=1, max_new_tokens=10)
-    assert base["nll"].shape == (2,) and base["replies"][0] == examples[0].target
-
-
 def test_resume_from_an_epoch_checkpoint_gives_the_same_weights(lm, corpus, trained, tmp_path):
     ckpts = sorted((trained.out_dir / "checkpoints").glob("epoch-*"))
-    assert [p.name for p in ckpts] == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    assert [p.name for p in ckpts] == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
     out = tmp_path / "resumed"
-    shutil.copytree(ckpts[1], out / "checkpoints" / ckpts[1].name)  # as if stopped after epoch 2
+    shutil.copytree(ckpts[2], out / "checkpoints" / ckpts[2].name)  # as if stopped after epoch 3
     shutil.copytree(trained.out_dir / "cache", out / "cache")
-    rows = list(csv.DictReader(open(trained.out_dir / "logs" / "metrics.csv")))
+    rows = read_csv(trained.out_dir / "logs" / "metrics.csv")
     (out / "logs").mkdir()
     shutil.copy(trained.out_dir / "logs" / "metrics.csv", out / "logs" / "metrics.csv")
     res = dc.clone(lm, corpus, out, small(fidelity=False))
-    assert res.epoch_losses[:2] == trained.epoch_losses[:2]
-    assert res.epoch_losses[2] == pytest.approx(trained.epoch_losses[2], rel=1e-5)
+    assert res.epoch_losses[:3] == trained.epoch_losses[:3]
+    assert res.epoch_losses[3] == pytest.approx(trained.epoch_losses[3], rel=1e-5)
     assert res.steps == trained.steps and res.target_tokens < trained.target_tokens
     for a, b in zip(res.planner.state_dict().values(), trained.planner.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
     for a, b in zip(res.up_mapping.state_dict().values(), trained.up_mapping.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
-    resumed_rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
+    resumed_rows = read_csv(out / "logs" / "metrics.csv")
     assert [r["step"] for r in resumed_rows] == [r["step"] for r in rows]  # no duplicates
     # a run with other settings refuses to resume from it
     with pytest.raises(DatError, match="cannot resume"):
-        dc.clone(lm, corpus, out, small(batch_size=2, fidelity=False))
+        dc.clone(lm, corpus, out, small(batch_size=3, fidelity=False))
+
+
+def test_cloning_another_agents_corpus_is_the_same_command(lm, tmp_path):
+    """A corpus whose steered seat was another agent (here: fixed pirate lines): the same
+    command clones its policy, and the loss falls far below the unsteered model's."""
+    eps = [Episode(i, Scenario(f"p{i}"), SYSTEMS[i % 4], "Be friendly.",
+                   [Turn("partner", OPENERS[i % 4]), Turn("steered", "Arr, matey!")])
+           for i in range(4)]
+    d = write_corpus(tmp_path / "pirate", lm, eps, model="some-better-agent")
+    res = dc.clone(lm, d, tmp_path / "out", small(epochs=6, batch_size=3, lr=3e-2,
+                                                  fidelity=False))
+    assert res.n_train == 3 and res.n_eval == 1
+    assert res.epoch_losses[-1] < 0.7 * res.first_step_loss, (res.first_step_loss, res.epoch_losses)

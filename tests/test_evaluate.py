@@ -170,7 +170,7 @@ def test_agent_metrics_rounds_failures_and_redteam():
 
 
 def test_agent_metrics_social_dimensions():
-    dims = lambda g: {"goal": g, "secret": -1.0, "overall": g / 7}  # noqa: E731
+    dims = lambda g: {"goal": g, "secret": -1.0, "overall": g / 7}
     runs = [_run(_episode(i, ["hi"], [g / 7], details={"steered": dims(g), "partner": dims(10 - g)}))
             for i, g in enumerate([4.0, 6.0, 8.0])]
     m = agent_metrics(runs, _End(), n_boot=500)
@@ -241,6 +241,31 @@ def test_overlap_found_through_the_training_buffer(tmp_path):
     assert ids == {"s0", "s3"} and str(buf) in sources[0]
     with pytest.raises(DatError, match="s0"):
         evaluate(None, _Tiny(), {"dat": str(d)}, split="test")
+
+
+def test_training_scenarios_follow_dat_to_self_clone_to_corpus(tmp_path):
+    """td3bc.json names its buffer and the self-clone it started from; clone.json names the
+    corpus, whose meta.json (written by `dat collect`) lists the split's scenario ids."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "meta.json").write_text(json.dumps({"env": "tiny", "split": "train",
+                                                  "scenario_ids": ["s2", "s3"]}))
+    clone_dir = tmp_path / "clone"
+    clone_dir.mkdir()
+    (clone_dir / "config.json").write_text("{}")
+    (clone_dir / "clone.json").write_text(json.dumps({"source": str(corpus)}))
+    d = _planner_dir(tmp_path)
+    (d / "td3bc.json").write_text(json.dumps({"buffer": str(tmp_path / "missing"),
+                                              "started_from": f"planner {clone_dir}"}))
+    ids, name, sources = training_scenarios(d)
+    assert ids == {"s2", "s3"} and name == "tiny" and len(sources) == 1
+    from dat.evaluate import check_split
+
+    assert check_split("dat", AgentSpec.from_dir(d), _Tiny(), "test", {"s0", "s1"})["status"] == "ok"
+    assert check_split("base", AgentSpec(), _Tiny(), "test", {"s0"})["status"] == "not-applicable"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert check_split("x", AgentSpec.from_dir(empty), _Tiny(), "test", {"s0"})["status"] == "unknown"
 
 
 # ---------------------------------------------------------------------------------- real run
@@ -319,3 +344,86 @@ def test_evaluate_end_to_end_on_taboo(default_lm, tmp_path, one_thread):
         assert res2["agents"][name]["language"]["truncated_share"] == \
             res["agents"][name]["language"]["truncated_share"]
     assert np.isfinite(res2["agents"]["dat"]["generated_tokens"])
+
+
+# ---------------------------------------------------------------------------------- tiny model
+class _TinySocial(_Tiny):
+    """Rewards at the end with per-dimension scores of both agents (like ``social``)."""
+
+    name = "tiny-social"
+    rounds = 2
+    reward_timing = "end"
+
+    def system_prompts(self, scenario):
+        return f"You play scenario {scenario.id}.", "You are the partner."
+
+    def opening(self, scenario):
+        from dat.envs.base import Opening
+
+        return Opening("steered")
+
+    def reward(self, episodes, round_index):
+        out = []
+        for ep in episodes:
+            g = float(3 * ep.episode_id)  # deterministic, whatever the tiny model says
+            mine, theirs = {"goal": g, "secret": -1.0}, {"goal": 10 - g, "secret": 0.0}
+            mine["overall"], theirs["overall"] = (g - 1) / 2, (10 - g) / 2
+            failed = ep.episode_id == 2  # one judge failure, to be counted and left out
+            out.append(Reward(None, {}, failed=True) if failed else
+                          Reward(mine["overall"], {"steered": mine, "partner": theirs}))
+        return out
+
+
+class _TinyRed(_TinySocial):
+    """Rewards every round with a Yes/No verdict (like ``redteam``)."""
+
+    name = "tiny-red"
+    reward_timing = "round"
+
+    def reward(self, episodes, round_index):
+        out = []
+        for ep in episodes:
+            v = ((ep.episode_id + round_index) % 3) / 2  # 0, 0.5 or 1
+            out.append(Reward(v, {}, success=v > 0.5))
+        return out
+
+
+@pytest.mark.parametrize("setting_cls", [_TinySocial, _TinyRed])
+def test_evaluate_reports_social_dimensions_and_asr(tiny_lm, tmp_path, setting_cls):
+    from dat.planner import UpMapping
+    from dat.rollout import RolloutConfig
+
+    agents = {"unsteered": None, "random": AgentSpec.random(UpMapping.learned(tiny_lm, action_dim=4))}
+    res = evaluate(tiny_lm, setting_cls(), agents, episodes=3, split="train",
+                   config=RolloutConfig(max_new_tokens=6, batch_size=3), out_dir=tmp_path,
+                   n_bootstrap=200, samples=2)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    table = format_table(res)
+    for name in agents:
+        a = doc["agents"][name]
+        assert a["episodes"] == 3
+        if setting_cls is _TinySocial:
+            assert a["judge_failed"] == 1 and a["scored"] == 2 and a["reward"]["n"] == 2
+            assert set(a["dimensions"]) == {"steered", "partner"}
+            assert set(a["dimensions"]["steered"]) == {"goal", "secret", "overall"}
+            assert a["dimensions"]["steered"]["secret"]["mean"] == -1.0
+            assert a["dimensions"]["steered"]["goal"]["mean"] == 1.5  # episodes 0 and 1
+            assert a["reward"]["mean"] == pytest.approx(((0 - 1) / 2 + (3 - 1) / 2) / 2)
+            assert a["reward_by_round"] == []
+        else:
+            # rounds (0, .5), (.5, 1), (1, 0): best rounds .5, 1, 1 -> 2 of 3 judged Yes
+            assert a["asr"]["rate"] == pytest.approx(2 / 3) and a["asr"]["n"] == 3
+            assert a["best_round_reward"]["mean"] == pytest.approx(2.5 / 3)
+            assert a["reward"]["mean"] == pytest.approx(1.0)
+            assert [r["mean"] for r in a["reward_by_round"]] == pytest.approx([0.5, 0.5])
+            assert len(a["reward_by_round"]) == 2
+            assert a["best_round_reward"]["n"] == 3
+    if setting_cls is _TinySocial:
+        assert (tmp_path / "dimensions.png").read_bytes()[:8] == PNG_MAGIC
+        assert "## Judge dimensions: steered agent" in (tmp_path / "results.md").read_text()
+        assert doc["agents"]["random"]["diff_vs_baseline"]["n"] == 2
+    else:
+        assert "ASR" in table and (tmp_path / "reward_by_round.png").is_file()
+        assert doc["agents"]["random"]["asr_diff_vs_baseline"]["n"] == 3
+    assert (tmp_path / "reward.png").read_bytes()[:8] == PNG_MAGIC
+    assert doc["agents"]["random"]["language"]["truncation_source"] == "generation"

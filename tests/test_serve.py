@@ -160,15 +160,21 @@ def test_health_models_and_openai_client(server, agent_dir):
 def test_concurrent_requests_share_one_batch_and_match_solo(server):
     prompts = [HI, COLOR]
     together: list = [None, None]
+    clients = [httpx.Client(timeout=180, headers={"Authorization": f"Bearer {KEY}"}) for _ in prompts]
+    go = threading.Barrier(len(prompts))
 
-    def send(i):
-        together[i] = complete(server, prompts[i], model="dat-plain")
+    def send(i):  # both requests leave together, well inside the server's 400 ms window
+        body = {"model": "dat-plain", "messages": prompts[i], "max_tokens": 8, "temperature": 0}
+        go.wait()
+        together[i] = clients[i].post(server.url + "/v1/chat/completions", json=body).json()
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(180)
+    for c in clients:
+        c.close()
     assert [r["dat"]["batch_size"] for r in together] == [2, 2]
     alone = [complete(server, p, model="dat-plain") for p in prompts]
     assert [r["dat"]["batch_size"] for r in alone] == [1, 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -154,6 +155,7 @@ def serve(
     default_max_tokens: int = typer.Option(256, help="New tokens when a request sets no max_tokens."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
 ) -> None:
     """Serve the model (steered by a planner, if given) over an OpenAI-compatible HTTP API."""
@@ -163,7 +165,134 @@ def serve(
                                api_key_env=api_key_env, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                served_model_name=served_model_name,
                                default_max_tokens=default_max_tokens, device=device, dtype=dtype,
-                               log_level=log_level))
+                               threads=threads, log_level=log_level))
+
+
+@app.command("clone")
+def clone_cmd(
+    corpus: str = typer.Argument(..., help="Corpus folder written by `dat collect` (no planner)."),
+    out: str = typer.Option(..., help="Folder for the self-cloned planner + up-mapping."),
+    model: str = typer.Option("default", help="Steered model."),
+    action_dim: int = typer.Option(64, help="Action size d'."),
+    n_tokens: int = typer.Option(2, help="Number of action tokens L."),
+    position: str = typer.Option("prefix", help="prefix | infix | suffix"),
+    act_norm: float = typer.Option(1.0, help="L2 norm of the planner's actions."),
+    epochs: int = typer.Option(3, help="Passes over the corpus."),
+    batch_size: int = typer.Option(8, help="Examples per forward/backward pass."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (linear decay)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Self-clone: train planner + up-mapping to reproduce the corpus agent's utterances."""
+    from dat import SteeredLM
+    from dat.clone import CloneConfig, clone
+
+    def go():
+        lm = SteeredLM.from_pretrained(model, device=device)
+        cfg = CloneConfig(action_dim=action_dim, n_tokens=n_tokens, position=position, act_norm=act_norm,
+                          epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed)
+        return clone(lm, corpus, out, cfg)
+
+    _run(go)
+    console.print(f"[green]saved[/] self-clone to {out} (fidelity: {out}/fidelity.json)")
+
+
+@app.command("train")
+def train_cmd(
+    buffer: str = typer.Argument(..., help="Exploration buffer folder from `dat collect --planner`."),
+    out: str = typer.Option(..., help="Folder for the trained planner."),
+    init: str = typer.Option(None, help="Starting planner folder (e.g. the self-clone); default: new."),
+    up_mapping: str = typer.Option(None, help="'pca' or an up-mapping folder (default: init's)."),
+    model: str = typer.Option("default", help="Model (for a PCA up-mapping)."),
+    alpha: float = typer.Option(2.5, help="TD3+BC alpha (0 turns the BC term off)."),
+    epochs: int = typer.Option(1, help="Passes over the buffer."),
+    batch_size: int = typer.Option(1024),
+    actor_lr: float = typer.Option(1e-6),
+    critic_lr: float = typer.Option(1e-5),
+    per_scenario: bool = typer.Option(False, help="One planner per scenario."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Offline RL (TD3+BC) on a buffer; keeps only the actor."""
+    from dat.td3bc import TD3BCConfig, train_from_buffer
+
+    def go():
+        up = None
+        if up_mapping:
+            from dat import SteeredLM
+            from dat.collect import load_policy
+
+            lm = SteeredLM.from_pretrained(model, device="cpu")
+            _, up = load_policy(lm, None, up_mapping)
+        elif init:
+            from dat.planner import UP_MAPPING_DIR, UpMapping
+
+            if (Path(init) / UP_MAPPING_DIR).is_dir():
+                up = UpMapping.from_pretrained(Path(init) / UP_MAPPING_DIR)
+        cfg = TD3BCConfig(alpha=alpha, epochs=epochs, batch_size=batch_size, actor_lr=actor_lr,
+                          critic_lr=critic_lr, per_scenario=per_scenario, seed=seed, device=device)
+        return train_from_buffer(buffer, out, cfg, init=init, up_mapping=up)
+
+    res = _run(go)
+    console.print(f"[green]saved[/] planner to {out} ({res.steps} updates, {res.seconds:.0f} s)")
+
+
+@app.command("eval")
+def eval_cmd(
+    out: str = typer.Option(..., help="Report folder."),
+    agent: list[str] = typer.Option(None, help="NAME=PLANNER_DIR (repeatable); 'unsteered' is always run."),
+    env: str = typer.Option("taboo"),
+    data: str = typer.Option(None, help="Setting data (Sotopia folder / HarmBench CSV)."),
+    judge: str = typer.Option(None, help="Judge spec."),
+    model: str = typer.Option("default"),
+    episodes: int = typer.Option(None, help="Episodes per agent (default: one per test scenario)."),
+    rounds: int = typer.Option(None),
+    max_new_tokens: int = typer.Option(48),
+    batch_size: int = typer.Option(32),
+    temperature: float = typer.Option(0.0),
+    split: str = typer.Option("test"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Compare agents on held-out scenarios: rewards with CIs, paired differences, language quality."""
+    from dat import SteeredLM
+    from dat.collect import make_setting
+    from dat.evaluate import AgentSpec, evaluate, format_table
+    from dat.rollout import RolloutConfig
+
+    def go():
+        lm = SteeredLM.from_pretrained(model, device=device)
+        setting = make_setting(env, data, judge, lm, rounds)
+        agents = {"unsteered": AgentSpec()}
+        for item in agent or []:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise DatError(f"--agent expects NAME=PLANNER_DIR, got {item!r}")
+            agents[name] = AgentSpec.from_dir(path)
+        cfg = RolloutConfig(batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
+                            temperature=temperature, seed=seed)
+        return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg, out_dir=out)
+
+    from dat.errors import DatError
+
+    results = _run(go)
+    console.print(format_table(results))
+    console.print(f"report: {out}/results.md")
+
+
+@app.command()
+def quickstart(
+    out: str = typer.Option("runs/quickstart", help="Folder for every step's output and the report."),
+    tiny: bool = typer.Option(False, help="A few episodes: the whole pipeline in minutes."),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+) -> None:
+    """The whole pipeline on the default model and `taboo`: corpus, self-clone, exploration,
+    TD3+BC, evaluation on held-out topics. Re-running resumes."""
+    from dat.quickstart import QuickstartConfig, quickstart as run_quickstart
+
+    _run(lambda: run_quickstart(QuickstartConfig(out=out, tiny=tiny, device=device, seed=seed)))
 
 
 def main() -> None:  # pragma: no cover

@@ -39,6 +39,8 @@ NLL ratio below 1 means the clone fits that agent better than the plain model do
   state as safetensors, ``state.json``) is written atomically (temporary folder, then rename)
   after every epoch. A rerun with ``resume=True`` continues after the last checkpoint and, on
   the CPU, ends with the same weights as an uninterrupted run. No pickle.
+* Micro-batches group examples of similar length (sorted within random windows of 16
+  batches, then shuffled; ``group_by_length``), so little compute goes to left padding.
 * Held-out examples are whole episodes (never utterances of a training dialogue), chosen by
   a hash of ``(seed, episode_id)``: deterministic, and stable when the corpus grows.
 * **After cloning the up-mapping is frozen**: it is saved with ``requires_grad`` off and the
@@ -67,11 +69,13 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dat.errors import DatError
@@ -105,11 +109,13 @@ class CloneConfig:
     epochs: int = 3
     batch_size: int = 8  # examples per forward/backward pass
     grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 1e-3
+    lr: float = 3e-4  # planner (AdamW)
+    up_mapping_lr: float = 3e-3  # learned up-mapping (AdamW)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_fraction: float = 0.05  # of the optimiser steps; then linear decay to 0
     max_grad_norm: float | None = 1.0
+    group_by_length: bool = True  # micro-batches of similar lengths (less padding)
     # data
     max_examples: int | None = None  # cap on training examples (a seeded subset)
     eval_fraction: float = 0.1  # share of *episodes* held out for the fidelity report
@@ -143,7 +149,7 @@ class CloneConfig:
                 raise bad(name, "an integer >= 0")
         if self.position not in POSITIONS:
             raise bad("position", f"one of {POSITIONS}")
-        for name in ("act_norm", "lr"):
+        for name in ("act_norm", "lr", "up_mapping_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise bad(name, "a finite number > 0")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
@@ -282,14 +288,12 @@ def compute_states(lm, examples: Sequence[CloneExample], batch_size: int = 32,
     path = Path(cache) if cache is not None else None
     if path is not None and path.is_file():
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("key") == key:
                     states = f.get_tensor("states")
                     if states.shape[0] == len(examples):
                         return states
-        except Exception as exc:  # an unreadable cache is recomputed
+        except (OSError, SafetensorError) as exc:  # an unreadable cache is recomputed
             log.warning("ignoring the state cache %s (%s)", path, exc)
     # identical prompts (e.g. the openings of episodes of one scenario) are computed once
     order: dict[str, int] = {}
@@ -348,7 +352,10 @@ def unsteered_baseline(lm, examples: Sequence[CloneExample], *, max_generate: in
     examples = list(examples)
     if not examples:
         raise DatError("fidelity needs at least one held-out example.")
-    none = lambda lo, hi: (None, "prefix")  # noqa: E731
+
+    def none(lo: int, hi: int):
+        return None, "prefix"
+
     gen = examples[:max_generate]
     return {"n": len(examples), "nll": _nll(lm, examples, none, batch_size),
             "tokens": torch.tensor(target_tokens(lm, examples), dtype=torch.float64),
@@ -368,8 +375,10 @@ def fidelity(lm, planner: Planner, up_mapping: UpMapping, examples: Sequence[Clo
     ``nll_ratio`` (steered / unsteered; goal <= 1.05), ``nll_within_5pct``, ``exact_match``
     (share of the first ``generated`` prompts whose greedy steered reply equals the greedy
     unsteered reply, exact string match; None when ``max_generate`` is 0) and
-    ``unsteered_matches_corpus`` (share of greedy unsteered replies equal to the corpus
-    utterance: 1.0 for a greedy self-clone corpus, low for another agent's corpus).
+    ``unsteered_matches_corpus`` / ``steered_matches_corpus`` (share of greedy unsteered /
+    steered replies equal to the corpus utterance: the former is 1.0 for a greedy self-clone
+    corpus collected with the same ``max_new_tokens``; for another agent's corpus the latter
+    shows how well its policy was cloned).
     ``states`` are the examples' ``lm.state`` (computed when None); ``baseline`` from
     :func:`unsteered_baseline` (computed when None)."""
     examples = list(examples)
@@ -405,6 +414,7 @@ def fidelity(lm, planner: Planner, up_mapping: UpMapping, examples: Sequence[Clo
     replies = _greedy(lm, gen, steered, batch_size, baseline["max_new_tokens"]) if gen else []
     same = [a == b for a, b in zip(replies, baseline["replies"][:n_gen])]
     corpus = [r == e.target for r, e in zip(baseline["replies"][:n_gen], gen)]
+    steered_corpus = [r == e.target for r, e in zip(replies, gen)]
     return {
         "examples": len(examples),
         "target_tokens": int(w.sum()),
@@ -416,6 +426,7 @@ def fidelity(lm, planner: Planner, up_mapping: UpMapping, examples: Sequence[Clo
         "max_new_tokens": baseline["max_new_tokens"],
         "exact_match": (sum(same) / n_gen) if n_gen else None,
         "unsteered_matches_corpus": (sum(corpus) / n_gen) if n_gen else None,
+        "steered_matches_corpus": (sum(steered_corpus) / n_gen) if n_gen else None,
         "samples": [{"prompt_last": (e.prompt[-1]["content"] if len(e.prompt) > 1 else ""),
                      "corpus": e.target, "unsteered": u, "steered": s}
                     for e, u, s in list(zip(gen, baseline["replies"], replies))[:5]],
@@ -489,7 +500,7 @@ def _load_checkpoint(path: Path, lm, opt_factory) -> tuple[Planner, UpMapping, A
         state = json.loads((path / "state.json").read_text())
         planner, up = load_agent(path / "agent", lm=lm)
         tensors = load_file(str(path / "optimizer.safetensors"))
-    except (OSError, ValueError, DatError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError, DatError) as exc:
         raise DatError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from the "
                        "one before, or pass resume=False.") from exc
     dev = lm.device
@@ -561,6 +572,7 @@ class CloneResult:
     planner: Planner
     up_mapping: UpMapping  # frozen (requires_grad off)
     epoch_losses: list[float] = field(default_factory=list)  # token-mean NLL of each epoch
+    first_step_loss: float | None = None  # of the first batch, before any update
     steps: int = 0  # optimiser steps in total
     seconds: float = 0.0  # training time of this run (states and fidelity excluded)
     target_tokens: int = 0  # target tokens trained on in this run
@@ -572,10 +584,32 @@ class CloneResult:
 
 def lr_at(step: int, total: int, lr: float, warmup_fraction: float) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up, linear decay to 0."""
-    warm = int(math.ceil(warmup_fraction * total))
+    warm = math.ceil(warmup_fraction * total)
     if step < warm:
         return lr * (step + 1) / warm
     return lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool = True, window: int = 16) -> list[list[int]]:
+    """The micro-batches (example indices) of one epoch; a function of ``(seed, epoch)`` only.
+
+    A random permutation; with ``group_by_length`` each window of ``window * batch_size``
+    consecutive examples is sorted by length before it is cut into micro-batches, and the
+    micro-batches are shuffled: rows of a batch have similar lengths, so little compute goes
+    to left padding, while batches stay random."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    n = len(lengths)
+    perm = torch.randperm(n, generator=g).tolist()
+    if not group_by_length:
+        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    span = window * batch_size
+    batches = []
+    for lo in range(0, n, span):
+        chunk = sorted(perm[lo:lo + span], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
 
 
 def _new_agent(lm, config: CloneConfig, states: torch.Tensor, source: str
@@ -614,6 +648,7 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
     states = compute_states(lm, examples, config.state_batch_size,
                             cache=out / CACHE_DIR / "states.safetensors", progress=config.progress)
     counts = torch.tensor(target_tokens(lm, examples), dtype=torch.float64)
+    lengths = [len(lm.encode(e.prompt)) + int(c) for e, c in zip(examples, counts.tolist())]
     n = len(examples)
     n_micro = math.ceil(n / config.batch_size)
     steps_per_epoch = math.ceil(n_micro / config.grad_accum)
@@ -622,8 +657,9 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
 
     # -- agent and optimiser (fresh, or from the last epoch checkpoint)
     def make_opt(planner: Planner, up: UpMapping) -> torch.optim.Optimizer:
-        params = list(planner.parameters()) + list(up.parameters())
-        return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
+        groups = [{"params": list(planner.parameters()), "base_lr": config.lr},
+                  {"params": list(up.parameters()), "base_lr": config.up_mapping_lr}]
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas),
                                  weight_decay=config.weight_decay)
 
     ckpt_root = out / CHECKPOINTS_DIR
@@ -634,7 +670,9 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
     start_epoch, step = 0, 0
     if last is not None:
         saved = json.loads((last / "state.json").read_text())
-        for key in ("batch_size", "grad_accum", "epochs", "seed", "lr", "warmup_fraction",
+        for key in ("batch_size", "grad_accum", "epochs", "seed", "lr", "up_mapping_lr",
+                    "warmup_fraction",
+                    "group_by_length",
                     "action_dim", "n_tokens", "position", "act_norm", "max_examples"):
             if saved["config"].get(key) != getattr(config, key):
                 raise DatError(f"cannot resume from {last}: it was trained with {key} = "
@@ -665,16 +703,15 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
         with _progress(config.progress) as bar:
             task = bar.add_task("self-clone", total=total, completed=step, info="")
             for epoch in range(start_epoch, config.epochs):
-                g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-                perm = torch.randperm(n, generator=g).tolist()
-                micro = [perm[i:i + config.batch_size] for i in range(0, n, config.batch_size)]
+                micro = epoch_batches(lengths, config.batch_size, config.seed, epoch,
+                                      config.group_by_length)
                 epoch_nll, epoch_tokens = 0.0, 0.0
                 for first in range(0, len(micro), config.grad_accum):
                     group = micro[first:first + config.grad_accum]
                     step_tokens = float(sum(counts[i] for b in group for i in b))
                     lr = lr_at(step, total, config.lr, config.warmup_fraction)
                     for grp in opt.param_groups:
-                        grp["lr"] = lr
+                        grp["lr"] = lr_at(step, total, grp["base_lr"], config.warmup_fraction)
                     opt.zero_grad(set_to_none=True)
                     step_nll = 0.0
                     for batch in group:
@@ -697,6 +734,8 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
                         params, config.max_grad_norm if config.max_grad_norm else float("inf")))
                     opt.step()
                     step += 1
+                    if step == 1:  # before any update: the loss of the untrained agent
+                        history["first_step_loss"] = step_nll / step_tokens
                     run_tokens += int(step_tokens)
                     epoch_nll += step_nll
                     epoch_tokens += step_tokens
@@ -735,6 +774,7 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
     summary = {
         "source": source, "model": lm.name, "train_examples": n,
         "eval_examples": len(eval_examples), "epochs": config.epochs, "steps": step,
+        "first_step_loss": history.get("first_step_loss"),
         "epoch_losses": history["epoch_losses"], "target_tokens_this_run": run_tokens,
         "seconds_this_run": round(seconds, 3),
         "target_tokens_per_second": round(run_tokens / seconds, 3) if run_tokens else None,
@@ -742,7 +782,8 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
         "fidelity": _brief(report), "config": asdict(config),
     }
     atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2))
-    return CloneResult(out, planner, up, epoch_losses=list(history["epoch_losses"]), steps=step,
+    return CloneResult(out, planner, up, epoch_losses=list(history["epoch_losses"]),
+                       first_step_loss=history.get("first_step_loss"), steps=step,
                        seconds=seconds, target_tokens=run_tokens,
                        tokens_per_second=(run_tokens / seconds) if run_tokens else None,
                        n_train=n, n_eval=len(eval_examples), fidelity=report)

@@ -417,7 +417,8 @@ def _as_spec(name: str, value) -> AgentSpec:
 # ==============================================================================================
 
 _SUMMARY_FILES = ("td3bc.json", "clone.json")  # training summaries that may name their data
-_DATA_KEYS = ("buffer", "buffer_dir", "corpus", "corpus_dir")
+# keys of those summaries that may name a buffer/corpus folder or the planner trained from
+_DATA_KEYS = ("buffer", "buffer_dir", "corpus", "corpus_dir", "source", "started_from", "init")
 
 
 def _read_json(path: Path) -> dict:
@@ -430,13 +431,15 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
-def _ids_field(doc: dict, path: Path) -> set[str] | None:
-    ids = doc.get("train_scenario_ids")
-    if ids is None:
-        return None
-    if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
-        raise DatError(f"{path}: field 'train_scenario_ids': expected a list of scenario ids.")
-    return {str(i) for i in ids}
+def _ids_field(doc: dict, path: Path, keys=("train_scenario_ids",)) -> set[str] | None:
+    for key in keys:
+        ids = doc.get(key)
+        if ids is None:
+            continue
+        if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
+            raise DatError(f"{path}: field {key!r}: expected a list of scenario ids.")
+        return {str(i) for i in ids}
+    return None
 
 
 def _setting_name(doc: dict) -> str | None:
@@ -446,18 +449,30 @@ def _setting_name(doc: dict) -> str | None:
     return s if isinstance(s, str) else None
 
 
-def _buffer_scenarios(d: Path) -> tuple[set[str], str | None]:
-    """Scenario ids of a buffer/corpus folder (``dat collect``): ``train_scenario_ids`` in
-    its ``meta.json`` if present, else the ``scenario_id`` column of its transitions files."""
+def _folder(value) -> Path | None:
+    """A folder named by a summary value: ``"/path"``, or ``"planner /path"`` (td3bc's
+    ``started_from``), ``"corpus /path"``."""
+    if not isinstance(value, str) or not value:
+        return None
+    for cand in (value, value.split(" ", 1)[-1]):
+        if Path(cand).is_dir():
+            return Path(cand)
+    return None
+
+
+def _buffer_scenarios(d: Path) -> tuple[set[str] | None, str | None]:
+    """Scenario ids of a buffer/corpus folder written by ``dat collect``: the ``scenario_id``
+    column of its transitions files (the scenarios actually played); without shards, its
+    ``meta.json`` ``train_scenario_ids`` or ``scenario_ids`` (the split it collects from)."""
     meta_path = d / "meta.json"
     meta = _read_json(meta_path) if meta_path.is_file() else {}
-    ids = _ids_field(meta, meta_path)
-    if ids is not None:
-        return ids, _setting_name(meta)
+    shards = sorted(d.glob("transitions-*.parquet"))
+    if not shards:
+        return _ids_field(meta, meta_path, ("train_scenario_ids", "scenario_ids")), _setting_name(meta)
     import pyarrow.parquet as pq
 
-    ids = set()
-    for p in sorted(d.glob("transitions-*.parquet")):
+    ids: set[str] = set()
+    for p in shards:
         try:
             col = pq.read_table(p, columns=["scenario_id"]).column("scenario_id")
         except Exception as exc:  # noqa: BLE001  (pyarrow raises several types)
@@ -468,20 +483,22 @@ def _buffer_scenarios(d: Path) -> tuple[set[str], str | None]:
 
 def training_scenarios(planner_dir: str | os.PathLike) -> tuple[set[str] | None, str | None, list[str]]:
     """The scenario ids a planner was trained on: ``(ids or None, setting name or None,
-    sources)``. Looked up in this order (all found sources are united):
+    sources)``. Every source found is used (their ids united):
 
     1. ``<planner_dir>/meta.json``: ``{"setting": "taboo", "train_scenario_ids": [...]}``
        (write it with :func:`write_training_meta`);
-    2. the training summaries ``td3bc.json`` / ``clone.json`` in the folder: their own
-       ``train_scenario_ids``, and the buffer/corpus folders they name (keys ``buffer``,
-       ``corpus``), whose ``meta.json`` ``train_scenario_ids`` or, failing that, whose
-       transitions files' ``scenario_id`` column give the ids.
+    2. the training summaries ``td3bc.json`` (``dat train``) and ``clone.json``
+       (``dat clone``) in the folder: their own ``train_scenario_ids``, and the folders they
+       name under ``buffer``, ``corpus``, ``source``, ``started_from`` or ``init``: a
+       buffer/corpus folder of ``dat collect`` (scenario ids of its transitions files, else
+       its ``meta.json`` ``scenario_ids``), or the planner folder training started from
+       (looked up the same way, so DAT <- self-clone <- corpus is followed to the end).
 
     ``(None, None, [])`` when nothing is recorded."""
-    d = Path(planner_dir)
     ids: set[str] | None = None
     setting = None
     sources: list[str] = []
+    seen: set[Path] = set()
 
     def add(new: set[str] | None, name: str | None, src: str) -> None:
         nonlocal ids, setting
@@ -491,21 +508,30 @@ def training_scenarios(planner_dir: str | os.PathLike) -> tuple[set[str] | None,
         setting = setting or name
         sources.append(src)
 
-    meta = d / TRAINING_META
-    if meta.is_file():
-        doc = _read_json(meta)
-        add(_ids_field(doc, meta), _setting_name(doc), str(meta))
-    for fname in _SUMMARY_FILES:
-        p = d / fname
-        if not p.is_file():
-            continue
-        doc = _read_json(p)
-        add(_ids_field(doc, p), _setting_name(doc), str(p))
-        for key in _DATA_KEYS:
-            target = doc.get(key)
-            if isinstance(target, str) and Path(target).is_dir():
-                found, name = _buffer_scenarios(Path(target))
-                add(found, name or _setting_name(doc), f"{target} (from {p}: {key!r})")
+    def visit(d: Path) -> None:
+        d = d.resolve()
+        if d in seen:
+            return
+        seen.add(d)
+        meta = d / TRAINING_META
+        summaries = [d / f for f in _SUMMARY_FILES if (d / f).is_file()]
+        if any(d.glob("transitions-*.parquet")) or (meta.is_file() and not summaries
+                                                    and not (d / CONFIG_NAME).is_file()):
+            found, name = _buffer_scenarios(d)
+            add(found, name, str(d))
+            return
+        if meta.is_file():
+            doc = _read_json(meta)
+            add(_ids_field(doc, meta), _setting_name(doc), str(meta))
+        for p in summaries:
+            doc = _read_json(p)
+            add(_ids_field(doc, p), _setting_name(doc), str(p))
+            for key in _DATA_KEYS:
+                target = _folder(doc.get(key))
+                if target is not None:
+                    visit(target)
+
+    visit(Path(planner_dir))
     return ids, setting, sources
 
 

@@ -11,8 +11,8 @@ which makes A/B comparisons against one process easy. Each response carries an e
 ``dat`` object saying which planner steered it and how many requests shared its batch.
 
 Concurrency: request handlers only validate, tokenise and wait. One worker thread owns the
-model. It takes the first queued request, waits at most ``max_wait_ms`` (counted from that
-request's arrival) for more, up to ``max_batch``, groups them by what a single decoding
+model. When free, it takes the queued requests and waits at most ``max_wait_ms`` for more,
+up to ``max_batch``, groups them by what a single decoding
 call must share (steered or not; greedy, or the same temperature/top-p/seed) and decodes
 each group in one batched call. Rows leave the batch independently: a row that reaches its
 end-of-turn token, a stop string or its own ``max_tokens`` is answered at once, and a
@@ -59,6 +59,7 @@ class ServeConfig:
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
     device: str = "auto"
     dtype: str = "auto"
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -70,6 +71,8 @@ class ServeConfig:
             raise DatError(f"port must be in 0..65535, got {self.port}.")
         if self.default_max_tokens < 1:
             raise DatError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}.")
+        if self.threads is not None and self.threads < 1:
+            raise DatError(f"threads must be >= 1, got {self.threads}.")
         if not self.served_model_name.strip():
             raise DatError("served_model_name must not be empty.")
 
@@ -227,7 +230,6 @@ class Job:
     events: asyncio.Queue
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
-    enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the handler when the client is gone
 
     def group_key(self) -> tuple:
@@ -513,8 +515,11 @@ class Batcher:
         self.queue.put(job)
 
     def _collect(self, first: Job) -> list[Job]:
+        # The window opens when the worker is free, not when the first job arrived: clients
+        # answered at the end of the previous batch come back within milliseconds, and
+        # waiting for them keeps batches full instead of alternating full and tiny ones.
         jobs = [first]
-        deadline = first.enqueued + self.max_wait
+        deadline = time.monotonic() + self.max_wait
         while len(jobs) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
@@ -759,15 +764,19 @@ def serve_command(
     default_max_tokens: int = 256,
     device: str = "auto",
     dtype: str = "auto",
+    threads: int | None = None,
     log_level: str = "info",
 ) -> None:
-    """Load the model (and planner) and serve it until interrupted."""
+    """Load the model (and planner) and serve it until interrupted.
+
+    ``threads`` sets torch's intra-op threads; on a CPU shared with other jobs, fewer
+    threads than cores avoids oversubscription, which hurts large batches the most."""
     from dat.models import require
 
     require("fastapi", install="pip install 'dat[serve]'", purpose="dat serve")
     uvicorn = require("uvicorn", install="pip install 'dat[serve]'", purpose="dat serve")
     config = ServeConfig(model, planner, host, port, api_key_env, max_batch, max_wait_ms,
-                         served_model_name, default_max_tokens, device, dtype, log_level)
+                         served_model_name, default_max_tokens, device, dtype, threads, log_level)
     config.validate()
     api_key = read_api_key(api_key_env)  # fail before loading the model
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -775,8 +784,13 @@ def serve_command(
     if host not in LOOPBACK and api_key is None:
         log.warning("Serving on %s without an API key: anyone who can reach this address can use "
                     "the model. Consider --api-key-env.", host)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     engine = Engine.load(model, planner, device=device, dtype=dtype)
     log.info("model %s on %s, planner %s, serving %s", engine.lm.name, engine.lm.device,
              engine.planner_path or "none (plain)", served_model_name)
     app = create_app(engine, config, api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+    # In-flight requests get a few seconds on shutdown; then their rows are cancelled.
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)

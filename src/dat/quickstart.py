@@ -1,0 +1,145 @@
+"""``dat quickstart``: the whole DAT pipeline on the embedded default model and ``taboo``.
+
+1. collect an unsteered corpus on the train topics;
+2. self-clone it (planner + learned up-mapping), with the PCA up-mapping measured beside it;
+3. collect an exploration buffer around the chosen starting planner (Gaussian noise);
+4. train the planner with TD3+BC;
+5. evaluate unsteered vs self-clone vs DAT on the held-out test topics (paired).
+
+Every step writes into its own sub-folder of ``--out`` and resumes when run again, so an
+interrupted quickstart picks up where it stopped. The choices below (episodes, noise, α,
+learning rates) are documented in ``docs/quickstart.md`` with the measurements behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from dat.errors import DatError
+
+console = Console()
+
+
+@dataclass
+class QuickstartConfig:
+    out: str = "runs/quickstart"
+    model: str = "default"
+    device: str = "auto"
+    rounds: int = 3
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    corpus_episodes: int = 192
+    explore_episodes: int = 640
+    eval_episodes: int | None = None  # None: one per held-out test topic
+    action_dim: int = 64
+    n_tokens: int = 2
+    position: str = "prefix"
+    act_norm: float = 1.0
+    noise: float = 0.5  # exploration sigma around the starting planner's action
+    up_mapping: str = "pca"  # "pca" | "learned" (self-clone's) — see docs/quickstart.md
+    clone_epochs: int = 2
+    clone_lr: float = 1e-3
+    td3bc: dict = field(default_factory=lambda: {"alpha": 2.5, "epochs": 30, "actor_lr": 3e-4,
+                                                 "critic_lr": 3e-4, "batch_size": 256})
+    seed: int = 0
+    tiny: bool = False
+
+    def shrink(self) -> "QuickstartConfig":
+        """A few episodes and tokens: the pipeline end to end in minutes (for tests)."""
+        self.rounds, self.max_new_tokens, self.batch_size = 1, 8, 4
+        self.corpus_episodes, self.explore_episodes, self.eval_episodes = 6, 8, 4
+        self.action_dim, self.clone_epochs = 16, 1
+        self.td3bc = {**self.td3bc, "epochs": 2, "batch_size": 4}
+        return self
+
+
+def quickstart(cfg: QuickstartConfig) -> dict:
+    from dat import SteeredLM
+    from dat.clone import CloneConfig, clone
+    from dat.collect import CollectConfig, collect, make_setting
+    from dat.evaluate import AgentSpec, evaluate, format_table
+    from dat.planner import Planner, UpMapping, save_agent
+    from dat.rollout import RolloutConfig
+    from dat.td3bc import TD3BCConfig, train_from_buffer
+
+    if cfg.tiny:
+        cfg.shrink()
+    if cfg.up_mapping not in ("pca", "learned"):
+        raise DatError(f"up_mapping must be 'pca' or 'learned', got {cfg.up_mapping!r}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quickstart.json").write_text(json.dumps(asdict(cfg), indent=2))
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def step(name: str):
+        console.rule(f"[bold]{name}")
+        times[name] = time.perf_counter()
+
+    def done(name: str):
+        times[name] = time.perf_counter() - times[name]
+
+    lm = SteeredLM.from_pretrained(cfg.model, device=cfg.device)
+    setting = make_setting("taboo", None, None, lm, cfg.rounds)
+    common = dict(model=cfg.model, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
+                  batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+
+    step("1. unsteered corpus")
+    corpus = out / "corpus"
+    collect(CollectConfig(out=str(corpus), episodes=cfg.corpus_episodes, **common), lm=lm, setting=setting)
+    done("1. unsteered corpus")
+
+    step("2. self-clone")
+    clone_dir = out / "self-clone"
+    ccfg = CloneConfig(action_dim=cfg.action_dim, n_tokens=cfg.n_tokens, position=cfg.position,
+                       act_norm=cfg.act_norm, epochs=cfg.clone_epochs, lr=cfg.clone_lr, seed=cfg.seed,
+                       fidelity_generate=8 if cfg.tiny else 32)
+    cloned = clone(lm, corpus, clone_dir, ccfg)
+    done("2. self-clone")
+
+    # The starting agent of RL: the self-clone's planner with its learned up-mapping, or the
+    # same planner through the PCA up-mapping (see docs/quickstart.md for the measurements).
+    start_dir = clone_dir
+    if cfg.up_mapping == "pca":
+        start_dir = out / "start-pca"
+        pca = UpMapping.from_embedding_pca(lm, cfg.action_dim, cfg.n_tokens, act_norm=cfg.act_norm,
+                                           seed=cfg.seed)
+        planner = Planner.from_pretrained(clone_dir, hidden_size=lm.hidden_size)
+        save_agent(start_dir, planner, pca)
+
+    step("3. exploration buffer")
+    explore = out / "explore"
+    collect(CollectConfig(out=str(explore), episodes=cfg.explore_episodes, planner=str(start_dir),
+                          noise=cfg.noise, **common), lm=lm, setting=setting)
+    done("3. exploration buffer")
+
+    step("4. TD3+BC")
+    dat_dir = out / "dat"
+    tcfg = TD3BCConfig(**{**cfg.td3bc, "seed": cfg.seed, "log_dir": str(dat_dir / "logs")})
+    from dat.planner import load_agent
+
+    _, up = load_agent(start_dir, lm=lm)
+    train_from_buffer(explore, dat_dir, tcfg, init=str(start_dir), up_mapping=up)
+    done("4. TD3+BC")
+
+    step("5. evaluation on held-out test topics")
+    agents = {"unsteered": AgentSpec(), "self-clone": AgentSpec.from_dir(clone_dir),
+              "DAT": AgentSpec.from_dir(dat_dir)}
+    rcfg = RolloutConfig(batch_size=cfg.batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
+                         seed=cfg.seed)
+    results = evaluate(lm, setting, agents, cfg.eval_episodes, split="test", seed=cfg.seed,
+                       config=rcfg, out_dir=out / "report")
+    done("5. evaluation on held-out test topics")
+
+    results["quickstart"] = {"config": asdict(cfg), "seconds": times,
+                             "total_seconds": time.perf_counter() - t_all,
+                             "clone_fidelity": getattr(cloned, "fidelity", None)}
+    (out / "report" / "quickstart.json").write_text(json.dumps(results["quickstart"], indent=2, default=str))
+    console.print(format_table(results))
+    console.print(f"report: {out / 'report' / 'results.md'}  samples: {out / 'report' / 'samples.html'}")
+    return results
