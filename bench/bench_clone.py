@@ -15,6 +15,7 @@ default model plays the ``taboo`` game against itself, greedy, no judge needed),
    for the PCA up-mapping with a random planner.
 
     python bench/bench_clone.py [--episodes 12] [--batch-sizes 4,8] [--steps 2] [--full]
+                                [--save-corpus c.jsonl | --corpus c.jsonl|DIR] [--threads 1]
 
 Prints a table and writes ``bench/results/clone.json``.
 """
@@ -53,8 +54,8 @@ class _NoJudgeTaboo(Taboo):
 
 
 def make_corpus(lm, episodes: int, rounds: int, max_new_tokens: int, batch: int, seed: int = 0
-                ) -> tuple[list[dc.CloneExample], float]:
-    """Unsteered greedy taboo dialogues -> clone examples (as from a `dat collect` corpus)."""
+                ) -> tuple[list[dict], float]:
+    """Unsteered greedy taboo dialogues as dialogue records (as in a `dat collect` corpus)."""
     setting = _NoJudgeTaboo(rounds=rounds)
     cfg = RolloutConfig(batch_size=batch, rounds=rounds, max_new_tokens=max_new_tokens, seed=seed)
     t = time.perf_counter()
@@ -62,16 +63,46 @@ def make_corpus(lm, episodes: int, rounds: int, max_new_tokens: int, batch: int,
     seconds = time.perf_counter() - t
     records = [{"episode_id": r.episode.episode_id, "scenario_id": r.episode.scenario.id,
                 "episode": dataclasses.asdict(r.episode)} for r in done]
-    return dc.corpus_examples(records, source="bench corpus"), seconds
+    return records, seconds
+
+
+def read_corpus(path: str) -> list[dc.CloneExample]:
+    """A buffer folder from `dat collect`, or a JSON-lines file of dialogue records."""
+    p = Path(path)
+    if p.is_dir():
+        return dc.load_corpus(p)[0]
+    with p.open(encoding="utf-8") as f:
+        return dc.corpus_examples([json.loads(line) for line in f if line.strip()], str(p))
 
 
 def prompt_tokens(lm, examples, n_tokens: int) -> int:
     return sum(len(lm.encode(e.prompt)) + n_tokens for e in examples)
 
 
+def fidelity_table(fid: dict, res) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    losses = " -> ".join(f"{x:.3f}" for x in res.epoch_losses)
+    table = Table(title=f"self-clone fidelity on held-out dialogues (train loss by epoch: "
+                        f"{losses})")
+    for c in ("agent", "NLL unsteered", "NLL steered", "ratio", "<= 1.05", "exact match",
+              "held-out utterances"):
+        table.add_column(c)
+    for name in ("clone", "pca_random_planner"):
+        f = fid[name]
+        table.add_row(name, f"{f['nll_unsteered']:.4f}", f"{f['nll_steered']:.4f}",
+                      f"{f['nll_ratio']:.4f}", str(f["nll_within_5pct"]),
+                      f"{f['exact_match']} of {f['generated']}", str(f["examples"]))
+    Console().print(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", default=None, help="a buffer folder from `dat collect` (optional)")
+    p.add_argument("--corpus", default=None,
+                   help="a buffer folder from `dat collect`, or a .jsonl of dialogue records "
+                        "(--save-corpus); default: collect one now")
+    p.add_argument("--save-corpus", default=None, help="write the collected records (.jsonl)")
     p.add_argument("--episodes", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -80,7 +111,8 @@ def main() -> None:
     p.add_argument("--action-dim", type=int, default=64)
     p.add_argument("--full", action="store_true", help="also a complete clone + fidelity report")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="planner lr (default: CloneConfig's)")
+    p.add_argument("--up-lr", type=float, default=None, help="up-mapping lr")
     p.add_argument("--batch", type=int, default=8, help="micro-batch of the --full run")
     p.add_argument("--eval-fraction", type=float, default=0.25)
     p.add_argument("--fidelity-generate", type=int, default=16)
@@ -95,11 +127,15 @@ def main() -> None:
     lm = SteeredLM.from_pretrained("default", device=args.device)
     load_s = time.perf_counter() - t
     if args.corpus:
-        examples, _ = dc.load_corpus(args.corpus)
+        examples = read_corpus(args.corpus)
         corpus_s, source = 0.0, args.corpus
     else:
-        examples, corpus_s = make_corpus(lm, args.episodes, args.rounds, args.max_new_tokens,
-                                         batch=args.episodes)
+        records, corpus_s = make_corpus(lm, args.episodes, args.rounds, args.max_new_tokens,
+                                        batch=args.episodes)
+        if args.save_corpus:
+            Path(args.save_corpus).write_text(
+                "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        examples = dc.corpus_examples(records, source="bench corpus")
         source = f"taboo, {args.episodes} unsteered episodes x {args.rounds} rounds"
     tokens = dc.target_tokens(lm, examples)
     print(f"corpus: {len(examples)} utterances, mean {sum(tokens) / len(tokens):.1f} target "
@@ -111,7 +147,7 @@ def main() -> None:
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         n = min(len(examples), bs * args.steps)
         sub = examples[:n]
-        cfg = dc.CloneConfig(action_dim=args.action_dim, epochs=1, batch_size=bs, lr=1e-3,
+        cfg = dc.CloneConfig(action_dim=args.action_dim, epochs=1, batch_size=bs,
                              fidelity=False, progress=False, resume=False)
         res = dc.train(lm, sub, work / f"bs{bs}", cfg, source=source)
         all_tokens = sum(dc.target_tokens(lm, sub)) + prompt_tokens(lm, sub, cfg.n_tokens)
@@ -131,13 +167,16 @@ def main() -> None:
                              fidelity_max_new_tokens=args.max_new_tokens, resume=False)
         if args.lr is not None:
             cfg.lr = args.lr
+        if args.up_lr is not None:
+            cfg.up_mapping_lr = args.up_lr
         t = time.perf_counter()
         res = dc.train(lm, train_ex, work / "full", cfg, eval_examples=eval_ex, source=source)
         fid = res.fidelity
         keep = ("nll_unsteered", "nll_steered", "nll_ratio", "nll_within_5pct", "exact_match",
-                "unsteered_matches_corpus", "generated")
+                "unsteered_matches_corpus", "steered_matches_corpus", "generated")
         extra["full"] = {
             "train_examples": res.n_train, "eval_examples": res.n_eval,
+            "first_step_loss": res.first_step_loss,
             "epoch_losses": res.epoch_losses, "train_seconds": round(res.seconds, 1),
             "total_seconds": round(time.perf_counter() - t, 1),
             "target_tok_per_s": round(res.tokens_per_second or 0.0, 2),
@@ -145,12 +184,7 @@ def main() -> None:
             "config": dataclasses.asdict(cfg),
         }
         print(json.dumps(extra["full"], indent=2, default=str), flush=True)
-        for name in ("clone", "pca_random_planner"):
-            f = fid[name]
-            rows.append({"batch": f"full: {name}", "steps": res.steps, "examples": res.n_train,
-                         "target_tokens": f["target_tokens"], "seconds": round(res.seconds, 2),
-                         "target_tok_per_s": f"NLL ratio {f['nll_ratio']:.4f}",
-                         "all_tok_per_s": f"exact {f['exact_match']}"})
+        fidelity_table(fid, res)
     extra["machine"] = machine()
     path = report(args.out, rows, extra)
     print(f"wrote {path}")

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -175,6 +176,7 @@ def main() -> None:
     finally:
         if proc is not None:
             stop_server(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     base = rows[0]
     for r in rows:

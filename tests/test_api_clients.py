@@ -324,3 +324,7 @@ def test_local_partner_reuses_a_loaded_model(default_lm, dialogues):
     assert isinstance(partner, LocalPartner) and partner.lm is default_lm
     out = partner.reply(dialogues[1:2], max_new_tokens=4, temperature=0.0)
     assert len(out) == 1 and isinstance(out[0], str) and out[0]
+    g = partner.generate_detailed(dialogues[1:2], max_new_tokens=4, temperature=0.0)
+    assert g.texts == out and g.num_generated >= 1  # what rollouts use to count tokens
+    with pytest.raises(DatError, match="never steered"):
+        partner.generate_detailed(dialogues[1:2], actions=object())

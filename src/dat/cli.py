@@ -277,7 +277,7 @@ def eval_cmd(
     from dat.errors import DatError
 
     results = _run(go)
-    console.print(format_table(results))
+    print(format_table(results))
     console.print(f"report: {out}/results.md")
 
 

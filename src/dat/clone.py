@@ -31,9 +31,13 @@ NLL ratio below 1 means the clone fits that agent better than the plain model do
   ``out_dir/cache/states.safetensors`` (keyed by a fingerprint of the model and the prompts),
   so a resumed run does not recompute them. The planner's state normalisation (mean/std) is
   set from the training states before training and saved with it.
-* AdamW over the planner and the up-mapping, linear warm-up over ``warmup_fraction`` of the
-  optimiser steps, then linear decay to 0; gradient-norm clipping; ``grad_accum``
-  micro-batches of ``batch_size`` examples per optimiser step.
+* AdamW with two learning rates: ``lr`` for the planner (a 576-wide MLP: Adam moves every
+  weight by about ``lr`` per step, and the change of its output grows with the width, so it
+  needs a small one) and a 10x larger ``up_mapping_lr`` for the up-mapping (``d' -> L*hidden``,
+  whose outputs must move on the scale of token embeddings, ~0.1 per coordinate for the
+  default model). Linear warm-up over ``warmup_fraction`` of the optimiser steps, then linear
+  decay to 0; gradient-norm clipping; ``grad_accum`` micro-batches of ``batch_size`` examples
+  per optimiser step.
 * An epoch is one pass over the training examples in an order that depends only on
   ``(seed, epoch)``; a checkpoint (``out_dir/checkpoints/epoch-XXXX/``: the agent, the AdamW
   state as safetensors, ``state.json``) is written atomically (temporary folder, then rename)
@@ -516,8 +520,8 @@ def _load_checkpoint(path: Path, lm, opt_factory) -> tuple[Planner, UpMapping, A
     return planner, up, opt, state
 
 
-METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "target_tokens", "tokens_per_s",
-                  "seconds"]
+METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "up_mapping_lr", "grad_norm", "target_tokens",
+                  "tokens_per_s", "seconds"]
 
 
 class _CSVLog:
@@ -671,9 +675,8 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
     if last is not None:
         saved = json.loads((last / "state.json").read_text())
         for key in ("batch_size", "grad_accum", "epochs", "seed", "lr", "up_mapping_lr",
-                    "warmup_fraction",
-                    "group_by_length",
-                    "action_dim", "n_tokens", "position", "act_norm", "max_examples"):
+                    "warmup_fraction", "group_by_length", "action_dim", "n_tokens", "position",
+                    "act_norm", "max_examples"):
             if saved["config"].get(key) != getattr(config, key):
                 raise DatError(f"cannot resume from {last}: it was trained with {key} = "
                                f"{saved['config'].get(key)!r}, this run has "
@@ -709,7 +712,6 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
                 for first in range(0, len(micro), config.grad_accum):
                     group = micro[first:first + config.grad_accum]
                     step_tokens = float(sum(counts[i] for b in group for i in b))
-                    lr = lr_at(step, total, config.lr, config.warmup_fraction)
                     for grp in opt.param_groups:
                         grp["lr"] = lr_at(step, total, grp["base_lr"], config.warmup_fraction)
                     opt.zero_grad(set_to_none=True)
@@ -742,7 +744,9 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
                     elapsed = time.perf_counter() - t0
                     rate = run_tokens / max(elapsed, 1e-9)
                     logger.log({"step": step, "epoch": epoch + 1, "loss": step_nll / step_tokens,
-                                "lr": lr, "grad_norm": grad_norm, "target_tokens": int(step_tokens),
+                                "lr": opt.param_groups[0]["lr"],
+                                "up_mapping_lr": opt.param_groups[1]["lr"],
+                                "grad_norm": grad_norm, "target_tokens": int(step_tokens),
                                 "tokens_per_s": rate,
                                 "seconds": round(history["seconds"] + elapsed, 3)})
                     bar.update(task, advance=1,

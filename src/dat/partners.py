@@ -47,6 +47,14 @@ class LocalPartner:
         return self.lm.generate(dialogues, None, max_new_tokens=max_new_tokens,
                                 temperature=temperature, seed=seed)
 
+    def generate_detailed(self, dialogues: list[list[dict]], **kwargs):
+        """Unsteered :meth:`SteeredLM.generate_detailed` (texts and token counts, for rollouts
+        that account generated tokens). Passing ``actions`` is an error: partners are plain."""
+        if kwargs.get("actions") is not None:
+            raise DatError("A partner is never steered; do not pass actions.")
+        kwargs.pop("actions", None)
+        return self.lm.generate_detailed(dialogues, None, **kwargs)
+
 
 class APIPartner:
     """A partner behind an OpenAI-compatible endpoint (e.g. a stronger model).

@@ -140,6 +140,6 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                              "total_seconds": time.perf_counter() - t_all,
                              "clone_fidelity": getattr(cloned, "fidelity", None)}
     (out / "report" / "quickstart.json").write_text(json.dumps(results["quickstart"], indent=2, default=str))
-    console.print(format_table(results))
+    print(format_table(results))
     console.print(f"report: {out / 'report' / 'results.md'}  samples: {out / 'report' / 'samples.html'}")
     return results

@@ -24,14 +24,19 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from dat.api import APIClient, APIError, ChatResult, parse_api_spec
 from dat.envs.base import Reward
 from dat.errors import DatError
 from dat.judges.base import Judge, generate_and_parse, sigmoid
 from dat.judges.classifier import NO_SPELLINGS, TEMPLATES, YES_SPELLINGS, YesNoRequest
-from dat.judges.llm import SotopiaRequest, build_sotopia_prompt, parse_sotopia_scores, sotopia_reward
+from dat.judges.llm import (
+    SotopiaRequest,
+    build_sotopia_prompt,
+    parse_sotopia_scores,
+    sotopia_reward,
+)
 
 log = logging.getLogger("dat.judges.api")
 
@@ -70,7 +75,7 @@ class APISotopiaJudge(Judge[SotopiaRequest]):
         self.json_mode = json_mode
 
     @classmethod
-    def from_spec(cls, spec: str, **kwargs) -> "APISotopiaJudge":
+    def from_spec(cls, spec: str, **kwargs) -> APISotopiaJudge:
         return cls(spec, **kwargs)
 
     def close(self) -> None:
@@ -134,7 +139,7 @@ class APIYesNoJudge(Judge[YesNoRequest]):
             raise DatError(f"top_logprobs must be in 1..20 (the OpenAI limit), got {top_logprobs}")
         self.client = _client(client, **client_options)
         if template == "auto":
-            template = "harmbench" if re.search(r"harmbench", self.client.config.model, re.I) else "default"
+            template = "harmbench" if re.search(r"harmbench", self.client.config.model, re.IGNORECASE) else "default"
         if template in TEMPLATES:
             self.template, self.template_contextual, default_chat = TEMPLATES[template]
             self.template_name = template
@@ -150,7 +155,7 @@ class APIYesNoJudge(Judge[YesNoRequest]):
         self.max_generation_chars = max_generation_chars
 
     @classmethod
-    def from_spec(cls, spec: str, **kwargs) -> "APIYesNoJudge":
+    def from_spec(cls, spec: str, **kwargs) -> APIYesNoJudge:
         return cls(spec, **kwargs)
 
     def close(self) -> None:
@@ -168,7 +173,7 @@ class APIYesNoJudge(Judge[YesNoRequest]):
         """Rewards for already filled-in prompts (one user message each, or plain text)."""
         if not prompts:
             return []
-        params = dict(return_exceptions=True, max_tokens=1, temperature=0.0)
+        params = {"return_exceptions": True, "max_tokens": 1, "temperature": 0.0}
         if self.chat:
             results = self.client.chat_many([[{"role": "user", "content": p}] for p in prompts],
                                             logprobs=True, top_logprobs=self.top_logprobs, **params)
