@@ -34,7 +34,7 @@ class QuickstartConfig:
     max_new_tokens: int = 32
     batch_size: int = 32
     corpus_episodes: int = 192
-    explore_episodes: int = 640
+    explore_episodes: int = 512
     eval_episodes: int | None = None  # None: one per held-out test topic
     action_dim: int = 64
     n_tokens: int = 2
