@@ -29,7 +29,7 @@ def dialogues(n: int) -> list:
 
 def main(n: int = 32, new_tokens: int = 48, repeats: int = 2) -> dict:
     lm = SteeredLM.from_pretrained("default", device="cpu")
-    tok, model = lm.tokenizer, lm.model
+    model = lm.model
     ds = dialogues(n)
     up = UpMapping.from_embedding_pca(lm, 64, 2)
     actions = up(normalize_action(torch.randn(n, 64, generator=torch.Generator().manual_seed(0)), 1.0))

@@ -47,10 +47,14 @@ NLL ratio below 1 means the clone fits that agent better than the plain model do
   batches, then shuffled; ``group_by_length``), so little compute goes to left padding.
 * Held-out examples are whole episodes (never utterances of a training dialogue), chosen by
   a hash of ``(seed, episode_id)``: deterministic, and stable when the corpus grows.
-* **After cloning the up-mapping is frozen**: it is saved with ``requires_grad`` off and the
-  later stages (``dat collect --planner``, ``dat train``, ``dat eval``, ``dat chat``) load it
-  with the planner (``load_agent``) and never train it again; TD3+BC trains the planner only,
-  so the action space keeps the meaning it got here.
+* **After cloning the up-mapping is frozen**: the returned one has ``requires_grad`` off, it
+  is saved beside the planner (``save_agent``: ``out_dir/up_mapping/``), and the later stages
+  (``dat collect --planner``, ``dat train``, ``dat eval``, ``dat chat``) load it with the
+  planner (``load_agent``) and never train it again; TD3+BC trains the planner only, so the
+  action space keeps the meaning it got here.
+* An utterance cut by ``max_new_tokens`` during collection still gets the end-of-turn token
+  the chat template appends (the corpus does not record whether a turn ended by itself), so
+  the clone is trained to stop there as well; both NLLs of the fidelity report include it.
 
 **Fidelity** (``fidelity.json``, :func:`fidelity`): on held-out dialogues, the token-mean NLL
 of the corpus utterances under the steered model (``planner`` + ``up_mapping``) divided by
@@ -125,7 +129,7 @@ class CloneConfig:
     eval_fraction: float = 0.1  # share of *episodes* held out for the fidelity report
     state_batch_size: int = 32
     # fidelity report (on the held-out episodes)
-    fidelity: bool = True
+    fidelity: bool = True  # write fidelity.json (needs eval_fraction > 0)
     fidelity_examples: int = 256  # held-out utterances scored for the NLL ratio
     fidelity_generate: int = 32  # held-out prompts for the greedy exact-match share (0 = skip)
     fidelity_max_new_tokens: int = 48
@@ -143,11 +147,11 @@ class CloneConfig:
             return DatError(f"CloneConfig.{name} = {getattr(self, name)!r}: expected {expected}.")
 
         for name in ("action_dim", "n_tokens", "epochs", "batch_size", "grad_accum",
-                     "state_batch_size", "fidelity_max_new_tokens"):
+                     "state_batch_size", "fidelity_examples", "fidelity_max_new_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "an integer >= 1")
-        for name in ("fidelity_examples", "fidelity_generate", "keep_checkpoints"):
+        for name in ("fidelity_generate", "keep_checkpoints"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "an integer >= 0")

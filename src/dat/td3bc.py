@@ -81,6 +81,7 @@ from torch import nn
 
 from dat.errors import DatError
 from dat.fileio import atomic_write, atomic_write_text
+from dat.models import resolve_device
 from dat.planner import (
     Planner,
     PlannerConfig,
@@ -89,6 +90,7 @@ from dat.planner import (
     normalize_action,
     save_agent,
 )
+from dat.progress import progress_bar as _progress
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +168,6 @@ class TD3BCConfig:
             raise bad("bc_reduction", "'mean' or 'sum'")
         if self.act_norm is not None and not self.act_norm > 0:
             raise bad("act_norm", "None or a number > 0")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,21 +787,6 @@ def _with_checkpoint_hint(exc: NonFiniteLossError, ckpt_root: Path) -> NonFinite
 def _safe_name(sid: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", sid).strip("._") or "scenario"
     return name[:80]
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    disable=not enabled)
 
 
 def train(data: TransitionDataset, out_dir: str | os.PathLike, config: TD3BCConfig | None = None,
