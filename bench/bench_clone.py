@@ -93,7 +93,8 @@ def fidelity_table(fid: dict, res) -> None:
         f = fid[name]
         table.add_row(name, f"{f['nll_unsteered']:.4f}", f"{f['nll_steered']:.4f}",
                       f"{f['nll_ratio']:.4f}", str(f["nll_within_5pct"]),
-                      f"{f['exact_match']} of {f['generated']}", str(f["examples"]))
+                      f"{round(f['exact_match'] * f['generated'])}/{f['generated']}",
+                      str(f["examples"]))
     Console().print(table)
 
 

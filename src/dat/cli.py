@@ -180,7 +180,7 @@ def clone_cmd(
     epochs: int = typer.Option(3, help="Passes over the corpus."),
     batch_size: int = typer.Option(8, help="Examples per forward/backward pass."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate (linear decay)."),
+    lr: float = typer.Option(3e-4, help="Planner AdamW learning rate (linear decay)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
 ) -> None:

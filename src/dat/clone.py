@@ -860,6 +860,7 @@ __all__ = [
     "compute_states",
     "corpus_examples",
     "episode_examples",
+    "epoch_batches",
     "fidelity",
     "fidelity_report",
     "load_corpus",

@@ -43,7 +43,7 @@ class QuickstartConfig:
     noise: float = 0.5  # exploration sigma around the starting planner's action
     up_mapping: str = "pca"  # "pca" | "learned" (self-clone's) — see docs/quickstart.md
     clone_epochs: int = 2
-    clone_lr: float = 1e-3
+    clone_lr: float = 3e-4
     td3bc: dict = field(default_factory=lambda: {"alpha": 2.5, "epochs": 30, "actor_lr": 3e-4,
                                                  "critic_lr": 3e-4, "batch_size": 256})
     seed: int = 0
