@@ -89,6 +89,7 @@ from safetensors.torch import load_file, save_file
 from dat.errors import DatError
 from dat.fileio import atomic_write, atomic_write_text
 from dat.planner import Planner, UpMapping, load_agent, save_agent
+from dat.progress import progress_bar as _progress
 
 log = logging.getLogger(__name__)
 
@@ -552,21 +553,6 @@ class _CSVLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    disable=not enabled)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dat.api import APIClient, APIError, ChatResult, parse_api_spec
 from dat.envs.base import Reward
 from dat.errors import DatError
 from dat.judges.base import Judge, generate_and_parse, sigmoid
-from dat.judges.classifier import NO_SPELLINGS, TEMPLATES, YES_SPELLINGS, YesNoRequest
+from dat.judges.classifier import NO_SPELLINGS, YES_SPELLINGS, YesNoRequest, resolve_template
 from dat.judges.llm import (
     SotopiaRequest,
     build_sotopia_prompt,
@@ -140,15 +140,10 @@ class APIYesNoJudge(Judge[YesNoRequest]):
         self.client = _client(client, **client_options)
         if template == "auto":
             template = "harmbench" if re.search(r"harmbench", self.client.config.model, re.IGNORECASE) else "default"
-        if template in TEMPLATES:
-            self.template, self.template_contextual, default_chat = TEMPLATES[template]
-            self.template_name = template
-        else:
-            if "{generation}" not in template:
-                raise DatError("A custom Yes/No template needs a {generation} field "
-                               "(and usually {behavior}); got: " + template[:80])
-            self.template = self.template_contextual = template
-            self.template_name, default_chat = "custom", True
+        (self.template, self.template_contextual, self.template_name,
+         default_chat) = resolve_template(template)
+        if default_chat is None:  # a custom template goes to the chat endpoint
+            default_chat = True
         self.chat = default_chat if chat is None else chat
         self.temperature = float(temperature)
         self.top_logprobs = top_logprobs

@@ -134,6 +134,18 @@ def answer_token_ids(tokenizer, spellings: Sequence[str]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def resolve_template(template: str) -> tuple[str, str, str, bool | None]:
+    """``(template, contextual_template, name, chat)`` for a template name or a custom
+    string (``chat`` None: the caller decides for a custom template)."""
+    if template in TEMPLATES:
+        plain, contextual, chat = TEMPLATES[template]
+        return plain, contextual, template, chat
+    if "{generation}" not in template:
+        raise DatError("A custom Yes/No template needs a {generation} field "
+                       "(and usually {behavior}); got: " + template[:80])
+    return template, template, "custom", None
+
+
 class YesNoJudge(Judge[YesNoRequest]):
     """Batched Yes/No classifier over any local causal LM.
 
@@ -154,15 +166,9 @@ class YesNoJudge(Judge[YesNoRequest]):
         if template == "auto":
             label = f"{model if isinstance(model, str) else ''} {self.lm.name}"
             template = "harmbench" if re.search(r"harmbench", label, re.IGNORECASE) else "default"
-        if template in TEMPLATES:
-            self.template, self.template_contextual, default_chat = TEMPLATES[template]
-            self.template_name = template
-        else:
-            if "{generation}" not in template:
-                raise DatError("A custom Yes/No template needs a {generation} field "
-                               "(and usually {behavior}); got: " + template[:80])
-            self.template = self.template_contextual = template
-            self.template_name = "custom"
+        (self.template, self.template_contextual, self.template_name,
+         default_chat) = resolve_template(template)
+        if default_chat is None:  # a custom template: use the chat format when there is one
             default_chat = getattr(self.tokenizer, "chat_template", None) is not None
         self.chat = default_chat if chat is None else chat
         self.temperature = float(temperature)
