@@ -258,6 +258,7 @@ def eval_cmd(
     """Compare agents on held-out scenarios: rewards with CIs, paired differences, language quality."""
     from dat import SteeredLM
     from dat.collect import make_setting
+    from dat.errors import DatError
     from dat.evaluate import AgentSpec, evaluate, format_table
     from dat.rollout import RolloutConfig
 
@@ -273,8 +274,6 @@ def eval_cmd(
         cfg = RolloutConfig(batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed)
         return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg, out_dir=out)
-
-    from dat.errors import DatError
 
     results = _run(go)
     print(format_table(results))

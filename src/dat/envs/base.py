@@ -17,6 +17,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dat.errors import DatError
+
 Speaker = Literal["steered", "partner"]
 
 
@@ -87,6 +89,14 @@ class Episode:
             raise IndexError(f"episode {self.episode_id} has {len(rounds)} rounds, "
                              f"asked for round {round_index}")
         return rounds[round_index][0], rounds[round_index][1]
+
+    def judged_round(self, round_index: int, setting: str, partner: str = "partner") -> tuple[str, str]:
+        """Like :meth:`round_texts` for a round being judged: its reply must exist."""
+        steered, reply = self.round_texts(round_index)
+        if reply is None:
+            raise DatError(f"{setting} reward: episode {self.episode_id} has no {partner} reply "
+                           f"in round {round_index}")
+        return steered, reply
 
 
 class Setting:

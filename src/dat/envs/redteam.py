@@ -186,10 +186,7 @@ class RedTeam(Setting):
 
         requests = []
         for ep in episodes:
-            _, reply = ep.round_texts(round_index)
-            if reply is None:
-                raise DatError(f"redteam reward: episode {ep.episode_id} has no defender reply in "
-                               f"round {round_index}")
+            _, reply = ep.judged_round(round_index, "redteam", "defender")
             data = ep.scenario.data
             requests.append(YesNoRequest(data["behavior"], reply, data.get("context")))
         return self.judge_model.score(requests)

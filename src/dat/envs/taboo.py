@@ -267,10 +267,7 @@ class Taboo(Setting):
             return []
         items = []
         for ep in episodes:
-            steered, reply = ep.round_texts(round_index)
-            if reply is None:
-                raise DatError(f"taboo reward: episode {ep.episode_id} has no partner reply in "
-                               f"round {round_index}")
+            steered, reply = ep.judged_round(round_index, "taboo")
             said = ep.utterances("steered")[:round_index + 1]
             novel, copied = strip_copied(reply, said)
             items.append((ep.scenario.data, steered, reply, novel, copied))

@@ -33,8 +33,8 @@ from dat.judges.base import Judge, generate_and_parse, sigmoid
 from dat.judges.classifier import NO_SPELLINGS, YES_SPELLINGS, YesNoRequest, resolve_template
 from dat.judges.llm import (
     SotopiaRequest,
-    build_sotopia_prompt,
     parse_sotopia_scores,
+    sotopia_prompts,
     sotopia_reward,
 )
 
@@ -82,11 +82,7 @@ class APISotopiaJudge(Judge[SotopiaRequest]):
         self.client.close()
 
     def score(self, requests: Sequence[SotopiaRequest]) -> list[Reward]:
-        for r in requests:
-            if r.target not in (0, 1) or len(r.agents) != 2:
-                raise DatError(f"SotopiaRequest needs two agents and target 0 or 1, got "
-                               f"{len(r.agents)} agents and target {r.target!r}")
-        prompts = [build_sotopia_prompt(r) for r in requests]
+        prompts = sotopia_prompts(requests)
         api_errors: dict[int, list[str]] = {}
 
         def generate(batch: list[list[dict]], attempt: int) -> list[str]:

@@ -197,6 +197,15 @@ def sotopia_reward(result: Attempted, target: int, judge_name: str = "") -> Rewa
 
 
 # ---------------------------------------------------------------------- judge
+def sotopia_prompts(requests: Sequence[SotopiaRequest]) -> list[list[dict]]:
+    """Validated judge prompts for a batch of requests (shared by the local and API judges)."""
+    for r in requests:
+        if r.target not in (0, 1) or len(r.agents) != 2:
+            raise DatError(f"SotopiaRequest needs two agents and target 0 or 1, got "
+                           f"{len(r.agents)} agents and target {r.target!r}")
+    return [build_sotopia_prompt(r) for r in requests]
+
+
 class SotopiaJudge(Judge[SotopiaRequest]):
     """Asks a local causal LM (batched, through :meth:`SteeredLM.generate`) for the seven
     Sotopia dimensions of both agents. First attempt greedy, retries sampled.
@@ -224,11 +233,7 @@ class SotopiaJudge(Judge[SotopiaRequest]):
                                 temperature=temperature, seed=self.seed + attempt)
 
     def score(self, requests: Sequence[SotopiaRequest]) -> list[Reward]:
-        for r in requests:
-            if r.target not in (0, 1) or len(r.agents) != 2:
-                raise DatError(f"SotopiaRequest needs two agents and target 0 or 1, got "
-                               f"{len(r.agents)} agents and target {r.target!r}")
-        prompts = [build_sotopia_prompt(r) for r in requests]
+        prompts = sotopia_prompts(requests)
         results = generate_and_parse(prompts, self._generate, parse_sotopia_scores, self.retries)
         return [sotopia_reward(res, r.target, f"{self.name}:{self.lm.name}")
                 for res, r in zip(results, requests)]
