@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_inject.py", "bench_rollout.py", "bench_td3bc.py", "bench_clone.py", "bench_serve.py"]
+SCRIPTS = ["bench_inject.py", "bench_rollout.py", "bench_buffer.py", "bench_td3bc.py", "bench_clone.py",
+           "bench_serve.py"]
 
 
 def main() -> int:

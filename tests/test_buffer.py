@@ -1,4 +1,5 @@
-"""Offline buffers: round trip, resume, de-duplication, crash safety, clear errors, size."""
+"""Offline buffers: round trip, resume, de-duplication, crash safety, clear errors, size,
+both layouts (without terminal states, the default, and with them, as older buffers)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ from dat.errors import DatError
 H, A, T = 16, 4, 3
 META = {"hidden_size": H, "action_dim": A, "model": "tiny",
         "settings": {"noise": 0.25, "episodes": 8}}
+META_TERMINAL = {**META, "terminal_states": True}  # the older layout: T + 1 rows per episode
 
 
 def make_record(eid: int, steps: int = T, hidden: int = H, action_dim: int = A, seed: int = 0,
                 judge_failed: bool = False) -> EpisodeRecord:
-    """A deterministic episode: its content is a function of (eid, seed)."""
+    """A deterministic episode: its content is a function of (eid, seed). It holds T + 1
+    states (the final one is stored only by a buffer with terminal states)."""
     rng = np.random.default_rng([eid, seed])
     rewards = rng.random(steps).astype(np.float32)
     if judge_failed:
@@ -64,6 +67,9 @@ def test_round_trip_two_shards(tmp_path):
     b = Buffer(tmp_path)
     assert len(b) == 6 and b.n_transitions == 5 * T + 1 and b.n_failed == 0
     assert b.meta["model"] == "tiny" and b.meta["dat_version"]
+    assert b.meta["terminal_states"] is False and b.terminal_states is False
+    assert json.loads((tmp_path / "meta.json").read_text())["terminal_states"] is False
+    assert sum(pq.read_metadata(p).num_rows for p in b.shards) == 5 * T + 1  # no terminal rows
     x = b.tensors()
     assert set(x) == {"states", "actions", "rewards", "next_states", "dones"}
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in x.values())
@@ -76,17 +82,20 @@ def test_round_trip_two_shards(tmp_path):
         n = r.steps
         # fp16 storage: relative error below 2**-11 (plus a tiny absolute part)
         torch.testing.assert_close(x["states"][row:row + n], s[:n], rtol=1e-3, atol=1e-3)
-        # s' of step t is the state row t + 1 of the same episode (stored once)
-        torch.testing.assert_close(x["next_states"][row:row + n], s[1:], rtol=1e-3, atol=1e-3)
+        # s' of step t is the state row t + 1 of the same episode (stored once); the last
+        # step is done and its s' (the unstored s_T) is zeros
+        torch.testing.assert_close(x["next_states"][row:row + n - 1], s[1:n], rtol=1e-3, atol=1e-3)
         assert torch.equal(x["next_states"][row:row + n - 1], x["states"][row + 1:row + n])
+        assert torch.equal(x["next_states"][row + n - 1], torch.zeros(H))
         torch.testing.assert_close(x["actions"][row:row + n],  # stored as fp16
                                    torch.tensor(r.actions, dtype=torch.float32), rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(x["rewards"][row:row + n], torch.tensor(r.rewards))
         assert x["dones"][row:row + n].tolist() == [0.0] * (n - 1) + [1.0]
         row += n
 
-    # mean/std over all stored states (terminal rows included), computed from the fp16 values
-    every = np.concatenate([np.asarray(r.states, np.float16).astype(np.float64) for r in recs])
+    # mean/std over all stored states (s_0 .. s_{T-1}), computed from the fp16 values
+    every = np.concatenate([np.asarray(r.states[:r.steps], np.float16).astype(np.float64)
+                            for r in recs])
     torch.testing.assert_close(b.state_mean, torch.tensor(every.mean(0), dtype=torch.float32))
     torch.testing.assert_close(b.state_std, torch.tensor(every.std(0), dtype=torch.float32))
 
@@ -136,9 +145,17 @@ def test_judge_failed_episodes_are_kept_but_left_out_of_tensors(tmp_path):
 def test_record_shape_errors(tmp_path):
     w = BufferWriter(tmp_path, META)
     r = make_record(0)
+    r.states = np.asarray(r.states)[:T - 1]  # a state missing
+    with pytest.raises(DatError, match=r"states has shape \(2, 16\), expected \(3, 16\)"):
+        w.write([r])
+    r.states = np.asarray(make_record(0).states)[:T]  # T states: fine without terminal states
+    w.write([r])
+    wt = BufferWriter(tmp_path / "terminal", META_TERMINAL)
+    r = make_record(0)
     r.states = np.asarray(r.states)[:T]  # forgot the terminal state
     with pytest.raises(DatError, match=r"states has shape \(3, 16\), expected \(4, 16\)"):
-        w.write([r])
+        wt.write([r])
+    w = BufferWriter(tmp_path / "more", META)
     r = make_record(0)
     r.states = np.full((T + 1, H), 1e6)
     with pytest.raises(DatError, match="float16 range"):
@@ -147,7 +164,8 @@ def test_record_shape_errors(tmp_path):
         w.write([make_record(1), make_record(1)])
     with pytest.raises(DatError, match="hidden_size"):
         BufferWriter(tmp_path / "other", {"action_dim": 4})
-    assert not list(tmp_path.glob("transitions-*"))
+    assert not list((tmp_path / "more").glob("transitions-*"))
+    assert not list((tmp_path / "terminal").glob("transitions-*"))
 
 
 def test_resume_ids_and_volatile_meta(tmp_path):
@@ -244,15 +262,15 @@ def test_missing_column_and_hidden_size_mismatch(tmp_path):
     with pytest.raises(DatError, match=rf"{path.name}: column 'state' holds vectors of size 16, "
                                        r"but meta.json says hidden_size = 32"):
         Buffer(tmp_path)
-    # an inconsistent shard (the terminal row missing) is refused, naming the file
+    # an inconsistent shard is refused, naming the file
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     no_action = good.set_column(good.schema.get_field_index("action"), "action",
                                 pa.nulls(len(good), good.schema.field("action").type))
     pq.write_table(no_action, path)
     with pytest.raises(DatError, match=rf"{path.name}: column 'action' must be null exactly"):
         Buffer(tmp_path)
-    pq.write_table(good.slice(0, T), path)
-    with pytest.raises(DatError, match=rf"{path.name} is inconsistent"):
+    pq.write_table(good.slice(0, T - 1), path)  # the last (done) step missing
+    with pytest.raises(DatError, match=rf"{path.name} is inconsistent: .*last step .* not done"):
         Buffer(tmp_path)
 
 
@@ -324,11 +342,13 @@ def test_kill_9_leaves_only_complete_episodes_and_resume_finishes(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-def test_bytes_per_transition_vs_float32_reference(tmp_path):
+@pytest.mark.parametrize("terminal_states", [False, True])
+def test_bytes_per_transition_vs_float32_reference(tmp_path, terminal_states):
     hidden, action_dim = 576, 64
     ref = reference_bytes_per_transition(hidden, action_dim)
     assert ref == 4 * (2 * hidden + action_dim + 2)
-    w = BufferWriter(tmp_path, {"hidden_size": hidden, "action_dim": action_dim})
+    w = BufferWriter(tmp_path, {"hidden_size": hidden, "action_dim": action_dim,
+                                "terminal_states": terminal_states})
     for k in range(0, 256, 64):
         w.write([make_record(i, hidden=hidden, action_dim=action_dim) for i in range(k, k + 64)])
     b = Buffer(tmp_path)
@@ -336,8 +356,130 @@ def test_bytes_per_transition_vs_float32_reference(tmp_path):
     print(f"bytes/transition {per:.0f} vs float32 reference {ref}: {ref / per:.2f}x smaller")
     # s' is not stored twice: below two fp16 states per transition even before compression
     assert per < 2 * 2 * hidden
-    # Random Gaussian states do not compress beyond fp16; with T = 3 steps an episode stores
-    # 4 fp16 state rows for 3 transitions, so the uncompressed layout costs
-    # 4/3*576*2 + 64*2 = 1664 bytes (2.9x); real hidden states compress further (bench/).
-    assert ref / per > 2.9
+    # Random Gaussian states barely compress beyond fp16. With T = 3 steps an episode stores
+    # 3 fp16 state rows for 3 transitions without terminal states: 576*2 + 64*2 = 1280 bytes
+    # uncompressed (3.8x); with them 4 rows: 4/3*576*2 + 64*2 = 1664 bytes (2.9x). Real
+    # hidden states compress further (bench/bench_buffer.py).
+    assert ref / per > (3.8 if not terminal_states else 2.9)
     assert b.bytes_per_transition(include_dialogues=True) > per
+
+
+# --------------------------------------------------------------------------------------
+# The two layouts: without terminal states (default) and with them (older buffers)
+# --------------------------------------------------------------------------------------
+
+
+def hand_made(eid: int, steps: int, base: float) -> EpisodeRecord:
+    """States whose rows are easy to recognise: row t is ``base + t`` everywhere (exact in
+    fp16), T + 1 of them; actions of norm > 0; rewards 0.5 * (t + 1); done on the last."""
+    return EpisodeRecord(
+        episode_id=eid, scenario_id=f"scen-{eid}",
+        states=np.array([[base + t] * H for t in range(steps + 1)], np.float32),
+        actions=np.ones((steps, A), np.float32) * (eid + 1),
+        rewards=[0.5 * (t + 1) for t in range(steps)],
+        dones=[False] * (steps - 1) + [True], episode={"e": eid})
+
+
+def test_without_terminal_states_s_prime_is_next_row_or_zeros(tmp_path):
+    w = BufferWriter(tmp_path, META)  # terminal_states defaults to False
+    w.write([hand_made(0, 3, 10.0), hand_made(1, 1, 20.0), hand_made(2, 2, 30.0)])
+    table = pq.read_table(next(tmp_path.glob("transitions-*.parquet")))
+    assert table.num_rows == 3 + 1 + 2 and not any(table.column("terminal").to_pylist())
+    assert table.column("step").to_pylist() == [0, 1, 2, 0, 0, 1]
+    assert table.column("reward").null_count == table.column("action").null_count == 0
+    b = Buffer(tmp_path)
+    assert not b.terminal_states and b.n_transitions == 6 and len(b) == 3
+    x = b.tensors()
+    assert x["states"][:, 0].tolist() == [10, 11, 12, 20, 30, 31]
+    # s' = the next row of the same episode; zeros for the last (done) step, whose s_T is
+    # not stored: the TD target r + gamma * (1 - done) * Q(s', .) ignores it
+    assert x["next_states"][:, 0].tolist() == [11, 12, 0, 0, 31, 0]
+    assert torch.equal(x["next_states"][[2, 3, 5]], torch.zeros(3, H))
+    assert x["dones"].tolist() == [0, 0, 1, 1, 0, 1]
+    assert x["rewards"].tolist() == [0.5, 1.0, 1.5, 0.5, 0.5, 1.0]
+    assert x["actions"][:, 0].tolist() == [1, 1, 1, 2, 3, 3]
+    # statistics over the stored states only
+    stored = torch.tensor([10, 11, 12, 20, 30, 31], dtype=torch.float32)
+    torch.testing.assert_close(b.state_mean, stored.mean().expand(H))
+    # a judge-failed episode is counted once per episode, not once per row
+    w.write([EpisodeRecord(5, "scen-5", np.ones((2, H)), np.ones((2, A)), [np.nan] * 2,
+                           [False, True], judge_failed=True)])
+    b = Buffer(tmp_path)
+    assert b.n_failed == 1 and b.tensors()["states"].shape == (6, H)
+    assert b.tensors(drop_failed=False)["next_states"][-2:, 0].tolist() == [1, 0]
+
+
+def strip_layout_key(directory) -> None:
+    """Make a buffer written with terminal states look as written before the option."""
+    meta = json.loads((directory / "meta.json").read_text())
+    del meta["terminal_states"]
+    (directory / "meta.json").write_text(json.dumps(meta))
+    for path in directory.glob("transitions-*.parquet"):
+        table = pq.read_table(path)
+        dat = json.loads(table.schema.metadata[b"dat"])
+        del dat["terminal_states"]
+        pq.write_table(table.replace_schema_metadata({"dat": json.dumps(dat)}), path)
+
+
+def test_old_layout_with_terminal_states_still_loads(tmp_path):
+    w = BufferWriter(tmp_path, META_TERMINAL)
+    w.write([hand_made(0, 3, 10.0), hand_made(1, 1, 20.0)])
+    w.write([make_record(2, judge_failed=True)])
+    strip_layout_key(tmp_path)
+    b = Buffer(tmp_path)
+    assert b.terminal_states and b.meta["terminal_states"] is True
+    assert len(b) == 3 and b.n_transitions == 3 + 1 + T and b.n_failed == 1
+    x = b.tensors()
+    assert x["states"][:, 0].tolist() == [10, 11, 12, 20]
+    assert x["next_states"][:, 0].tolist() == [11, 12, 13, 21]  # the terminal states s_T
+    assert x["dones"].tolist() == [0, 0, 1, 1]
+    # mean over every stored row, terminal states included
+    stored = torch.tensor([10, 11, 12, 13, 20, 21], dtype=torch.float32)
+    assert b.tensors(drop_failed=False)["states"].shape == (4 + T, H)
+    every = torch.cat([stored, torch.tensor(np.asarray(make_record(2, judge_failed=True).states,
+                                                       np.float16)[:, 0].astype(np.float32))])
+    torch.testing.assert_close(b.state_mean[0], every.mean())
+    # an old run resumes with terminal states; its truncated last step may bootstrap from s_T
+    w2 = BufferWriter(tmp_path, META_TERMINAL)
+    assert w2.completed_episode_ids() == {0, 1, 2}
+    cut = hand_made(3, 2, 40.0)
+    cut.dones = [False, False]
+    w2.write([cut])
+    x = Buffer(tmp_path).tensors()
+    assert x["next_states"][-2:, 0].tolist() == [41, 42] and x["dones"][-2:].tolist() == [0, 0]
+
+
+def test_mixing_layouts_is_a_clear_error(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    BufferWriter(old, META_TERMINAL).write([make_record(0)])
+    strip_layout_key(old)
+    # resuming an older buffer without terminal states (the default) is refused
+    with pytest.raises(DatError, match=r"with terminal states .* without terminal states.*"
+                                       r"must not mix the two layouts.*--terminal-states"):
+        BufferWriter(old, META)
+    BufferWriter(new, META).write([make_record(1)])
+    with pytest.raises(DatError, match=r"without terminal states .* with terminal states.*"
+                                       r"must not mix.*--no-terminal-states"):
+        BufferWriter(new, META_TERMINAL)
+    # a shard of the other layout copied into a folder is refused by the reader, by name
+    stray = next(old.glob("transitions-*.parquet"))
+    (new / stray.name).write_bytes(stray.read_bytes())
+    with pytest.raises(DatError, match=rf"{stray.name} holds episodes with terminal states.*"
+                                       r"terminal_states = false.*must not mix"):
+        Buffer(new)
+    (new / stray.name).unlink()
+    newer = next(new.glob("transitions-*.parquet"))
+    (old / newer.name).write_bytes(newer.read_bytes())
+    with pytest.raises(DatError, match=rf"{newer.name} holds episodes without terminal states.*"
+                                       r"terminal_states = true.*without 'terminal_states'"):
+        Buffer(old)
+    # without terminal states the last step must be done (else it would have no s')
+    cut = make_record(2)
+    cut.dones = [False] * T
+    with pytest.raises(DatError, match="last step has done = False.*terminal states"):
+        BufferWriter(new, META).write([cut])
+    with pytest.raises(DatError, match="no steps"):
+        BufferWriter(new, META).write([EpisodeRecord(3, "s", np.ones((1, H)), np.ones((0, A)),
+                                                     [], [])])
+    with pytest.raises(DatError, match="terminal_states' must be True or False"):
+        BufferWriter(tmp_path / "x", {**META, "terminal_states": "yes"})

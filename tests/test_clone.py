@@ -55,8 +55,9 @@ def make_episodes(lm, n: int = 4, steered_turns: int = 2, max_new_tokens: int = 
 
 
 def write_corpus(directory, lm, episodes: list[Episode], model: str | None = None):
-    """A corpus folder as `dat collect` writes it without a planner (no actions)."""
-    w = BufferWriter(directory, {"kind": "corpus", "model": model or lm.name,
+    """A corpus folder as `dat collect --terminal-states` writes it without a planner (no
+    actions); the terminal row also lets an episode without steered turns be stored."""
+    w = BufferWriter(directory, {"kind": "corpus", "model": model or lm.name, "terminal_states": True,
                                  "hidden_size": lm.hidden_size, "action_dim": 0})
     records = []
     for e in episodes:

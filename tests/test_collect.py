@@ -35,6 +35,8 @@ def test_collect_end_to_end_and_resume_noop(tmp_path):
     assert [x["speaker"] for x in ep["turns"]] == ["partner", "steered", "partner"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["env"] == "taboo" and meta["hidden_size"] == 576 and meta["kind"] == "corpus"
+    assert meta["terminal_states"] is False and "terminal_states" not in meta["settings"]
+    assert b.tensors()["next_states"].abs().sum() == 0  # 1 step each: s' = zeros at done
     # the same command again runs nothing new; more episodes extend the run
     p = dat("collect", "--out", str(out), "--episodes", "4", *ARGS)
     assert "0 episodes run, 4 already there" in p.stdout.replace("\n", " ")
@@ -42,11 +44,17 @@ def test_collect_end_to_end_and_resume_noop(tmp_path):
     p = dat("collect", "--out", str(out), "--episodes", "4", "--rounds", "2", "--max-new-tokens", "8",
             check=False)
     assert p.returncode == 2 and "different settings" in p.stdout and "rounds" in p.stdout
+    # the other layout (terminal states stored): a clear error too
+    p = dat("collect", "--out", str(out), "--episodes", "4", "--terminal-states", *ARGS,
+            check=False)
+    assert p.returncode == 2 and "must not mix" in " ".join(p.stdout.split())
 
 
 def test_kill_and_resume(tmp_path):
     out = tmp_path / "explore"
-    args = ["collect", "--out", str(out), "--episodes", "8", "--up-mapping", "pca", *ARGS]
+    # with terminal states (the older layout): the final state pass runs, s_T is stored
+    args = ["collect", "--out", str(out), "--episodes", "8", "--up-mapping", "pca",
+            "--terminal-states", *ARGS]
     proc = subprocess.Popen(DAT + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
@@ -60,6 +68,8 @@ def test_kill_and_resume(tmp_path):
     b = Buffer(out)
     assert b.episode_ids() == list(range(8)) and b.n_duplicates == 0
     assert b.tensors()["actions"].shape == (8, 64)
+    assert b.terminal_states and b.meta["terminal_states"] is True
+    assert (b.tensors()["next_states"].abs().sum(-1) > 0).all()  # s' = the stored s_T
 
 
 def test_bad_env_and_missing_data(tmp_path):

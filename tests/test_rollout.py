@@ -35,7 +35,8 @@ def test_batched_equals_one_by_one(default_lm, taboo, steered):
         assert a.rewards == pytest.approx(b.rewards, abs=1e-5)
         # partner greeting + 2 rounds of (steered, partner)
         assert [t.speaker for t in a.episode.turns] == ["partner", "steered", "partner", "steered", "partner"]
-        assert a.states.shape == (3, default_lm.hidden_size)  # s_0, s_1 and the terminal s_2
+        # s_0 and s_1; the terminal s_2 only with RolloutConfig(terminal_states=True)
+        assert a.states.shape == (2, default_lm.hidden_size)
         assert a.actions.shape == ((2, 16) if steered else (2, 0))
         assert all(0.0 <= r <= 1.0 for r in a.rewards)
 
@@ -63,3 +64,19 @@ def test_noise_is_per_episode_and_seeded(default_lm, taboo):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.allclose(a[0].norm(dim=-1), torch.ones(1), atol=1e-5)
     assert not torch.allclose(a[0], a[1])
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_prefix_cache_equals_full_reencoding(default_lm, taboo, steered):
+    """Keeping KV caches across turns gives the same episodes as re-encoding every prompt."""
+    up = UpMapping.from_embedding_pca(default_lm, 16, 2) if steered else None
+    jobs = episode_jobs(taboo, 3, "train", seed=2)
+    runs = []
+    for cached in (True, False):
+        cfg = RolloutConfig(batch_size=3, rounds=2, max_new_tokens=12, seed=3, prefix_cache=cached)
+        runs.append({r.episode.episode_id: r for r in Rollout(default_lm, taboo, up_mapping=up, config=cfg).run(jobs)})
+    for i, a in runs[0].items():
+        b = runs[1][i]
+        assert [t.text for t in a.episode.turns] == [t.text for t in b.episode.turns]
+        assert torch.allclose(a.states, b.states, atol=1e-4)
+        assert a.rewards == pytest.approx(b.rewards, abs=1e-5)

@@ -159,3 +159,29 @@ def test_context_limit(default_lm):
     assert len(ids) + 8 <= 64
     text = left.tokenizer.decode(ids)
     assert "Be kind." in text and "Message number 8" in text and "Message number 0" not in text
+
+
+def test_prefix_cache_across_turns(default_lm, dialogues):
+    """States and replies with per-dialogue prefix caches equal full re-encoding, turn after
+    turn, for rows whose cached prefixes have different lengths; steered calls reuse the
+    cache only up to the action tokens and leave it unchanged."""
+    from dat.kvcache import PrefixCache
+
+    caches = [PrefixCache() for _ in dialogues]
+    for turn in range(2):
+        assert torch.allclose(default_lm.state(dialogues), default_lm.state(dialogues, caches=caches), atol=1e-4)
+        full = default_lm.generate(dialogues, max_new_tokens=10)
+        assert default_lm.generate(dialogues, max_new_tokens=10, caches=caches) == full
+        lengths = [len(c) for c in caches]
+        assert len(set(lengths)) > 1
+        torch.manual_seed(turn)
+        actions = torch.randn(len(dialogues), 2, default_lm.hidden_size) * 0.5
+        for position in ("prefix", "infix", "suffix"):
+            plain = default_lm.generate(dialogues, actions=actions, position=position, max_new_tokens=10)
+            assert default_lm.generate(dialogues, actions=actions, position=position, max_new_tokens=10,
+                                       caches=caches) == plain
+        assert [len(c) for c in caches] == lengths
+        for d, reply in zip(dialogues, full):
+            d += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Go on, please."}]
+    with pytest.raises(DatError, match="PrefixCache"):
+        default_lm.state(dialogues, caches=caches[:1])

@@ -20,16 +20,32 @@ shard is named by its smallest episode id and a hash of its content, so writing 
 episodes again gives the same name (a no-op); readers still de-duplicate by episode id and
 keep the copy in the first shard in name order.
 
-**Transitions file** (Parquet, zstd; one row per *state*, ``T + 1`` rows per episode of
-``T`` steered steps):
+**Two layouts**, fixed per buffer by ``terminal_states`` in ``meta.json`` (a buffer never
+mixes them; a ``meta.json`` without the key is the old layout, ``true``):
+
+* ``terminal_states: false`` (the default): ``T`` rows per episode of ``T`` steered steps,
+  the states ``s_0 .. s_{T-1}`` in which the actions were taken. The terminal state ``s_T``
+  is not stored: TD targets use ``(1 - done) * Q(s', pi(s'))`` and the last step of an
+  episode must have ``done = True``, so its ``s'`` never counts. This is ~T/(T+1) of the
+  size of the other layout: on real SmolLM2-135M states (``bench/bench_buffer.py``, 3
+  steps per episode, 48 transitions per shard) 4.1x smaller than the float32 reference
+  without actions and 3.9x with 64-d actions (4.0x at 96 transitions per shard; the
+  Parquet footer, ~2 KB, is a fixed cost per shard), against 3.1x and 3.0x with terminal
+  states.
+* ``terminal_states: true``: ``T + 1`` rows per episode, the last one (``terminal = True``)
+  holding the final state ``s_T`` with null action, reward and done. Needed only to
+  bootstrap from ``s_T`` (an episode cut off with ``done = False`` on its last step).
+
+**Transitions file** (Parquet, zstd; one row per stored *state*):
 
 ============  ==============================  ==========================================
 column        type                            meaning
 ============  ==============================  ==========================================
 episode_id    int64
 scenario_id   string
-step          int32                           0 .. T
-terminal      bool                            True on row ``T`` only (the final state)
+step          int32                           0 .. T - 1 (0 .. T with terminal states)
+terminal      bool                            True on row ``T`` only (the final state);
+                                              always False without terminal states
 state         fixed_size_list<float16>[d]     hidden state ``s_step`` (stored as fp16)
 action        fixed_size_list<float16>[d']    action taken at ``s_step``; null if terminal
                                               (absent when d' = 0: an unsteered corpus)
@@ -39,8 +55,10 @@ judge_failed  bool                            the judge failed for this episode
 ============  ==============================  ==========================================
 
 **How s' is derived.** ``s'`` is never stored twice: for step ``t`` of an episode, the next
-state ``s'`` is the state on row ``t + 1`` of the same episode (the row with ``terminal =
-True`` for the last step). ``Buffer.tensors()`` builds ``next_states`` that way.
+state ``s'`` is the state on row ``t + 1`` of the same episode (with terminal states, the
+row with ``terminal = True`` for the last step). Without terminal states the last step has
+no next row and its ``s'`` is a zero vector; it is a terminal transition (``done = 1``), so
+TD targets ignore it. ``Buffer.tensors()`` builds ``next_states`` that way.
 
 **Dialogues file** (JSON lines): ``{"episode_id", "scenario_id", "judge_failed", "steps",
 "episode"}`` where ``episode`` is the ``Episode`` as a dict (scenario id, data and side,
@@ -90,14 +108,17 @@ class EpisodeRecord:
     """One finished episode of ``T`` steered steps.
 
     ``states[t]`` is the state in which action ``actions[t]`` was taken, for ``t < T``;
-    ``states[T]`` is the final state (after the last round). So ``states`` has ``T + 1``
-    rows and the ``s'`` of step ``t`` is ``states[t + 1]``: it is stored once, as the next
-    row, never twice. Arrays may be numpy arrays, torch tensors or nested lists.
+    optionally ``states[T]`` is the final state (after the last round). So ``states`` has
+    ``T`` or ``T + 1`` rows and the ``s'`` of step ``t < T - 1`` is ``states[t + 1]``: it is
+    stored once, as the next row, never twice. A buffer without terminal states (the
+    default) needs ``T`` rows (a ``T + 1``-th row is not stored) and ``dones[-1] = True``; a
+    buffer with terminal states needs ``T + 1`` rows. Arrays may be numpy arrays, torch
+    tensors or nested lists.
     """
 
     episode_id: int
     scenario_id: str
-    states: Any  # [T + 1, hidden] float
+    states: Any  # [T, hidden] or [T + 1, hidden] float
     actions: Any  # [T, action_dim] float
     rewards: Any  # [T] float; NaN allowed only when judge_failed
     dones: Any  # [T] bool
@@ -235,7 +256,16 @@ def _read_meta(directory: Path) -> dict:
     if meta.get("format", FORMAT) != FORMAT:
         raise DatError(f"{path}: format {meta.get('format')!r} is not supported by this "
                        f"version of dat (expected {FORMAT!r}).")
+    meta.setdefault("terminal_states", True)  # buffers written before the key: T + 1 rows
+    if not isinstance(meta["terminal_states"], bool):
+        raise DatError(f"{path}: field 'terminal_states' must be true or false, got "
+                       f"{meta['terminal_states']!r}.")
     return meta
+
+
+def _layout(terminal_states: bool) -> str:
+    return ("with terminal states (T + 1 state rows per episode)" if terminal_states
+            else "without terminal states (T state rows per episode)")
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -261,6 +291,9 @@ class BufferWriter:
     ``"episodes"`` or ``"settings.episodes"``, which may change between a run and its
     resumption) must be equal, or a ``DatError`` lists the differing keys. On a match the
     ``meta.json`` is rewritten with the new volatile values.
+
+    ``meta["terminal_states"]`` (default False) chooses the layout (see the module doc):
+    whether each episode's final state ``s_T`` is stored. A folder keeps one layout.
     """
 
     def __init__(self, directory: str | os.PathLike, meta: dict, *, volatile: Iterable[str] = ()):
@@ -272,10 +305,15 @@ class BufferWriter:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise DatError(f"Buffer meta needs '{key}' as an integer >= {low}, "
                                f"got {meta.get(key)!r}.")
+        meta.setdefault("terminal_states", False)
+        if not isinstance(meta["terminal_states"], bool):
+            raise DatError(f"Buffer meta 'terminal_states' must be True or False, got "
+                           f"{meta['terminal_states']!r}.")
         meta.update(format=FORMAT, dat_version=__version__, volatile_keys=volatile)
         self.meta = meta
         self.hidden_size: int = meta["hidden_size"]
         self.action_dim: int = meta["action_dim"]
+        self.terminal_states: bool = meta["terminal_states"]
 
         if self.directory.exists() and not self.directory.is_dir():
             raise DatError(f"Buffer path {self.directory} exists and is not a folder.")
@@ -283,6 +321,14 @@ class BufferWriter:
         meta_path = self.directory / META_FILE
         if meta_path.exists():
             old = _read_meta(self.directory)
+            if old["terminal_states"] != self.terminal_states:
+                raise DatError(
+                    f"{self.directory} holds a buffer {_layout(old['terminal_states'])}; this "
+                    f"run would write episodes {_layout(self.terminal_states)}. A buffer must "
+                    f"not mix the two layouts: resume with terminal_states = "
+                    f"{old['terminal_states']} (`dat collect "
+                    f"--{'' if old['terminal_states'] else 'no-'}terminal-states`) or use "
+                    f"another --out folder.")
             diff = identity_diff(old, meta, set(volatile) | set(old.get("volatile_keys", [])))
             if diff:
                 raise DatError(
@@ -349,13 +395,27 @@ class BufferWriter:
         rewards = _numpy(r.rewards, np.float32)
         dones = _numpy(r.dones, np.bool_)
         steps = len(rewards)
-        want = {"states": (steps + 1, self.hidden_size), "actions": (steps, self.action_dim),
+        rows = steps + 1 if self.terminal_states else steps
+        if not self.terminal_states and states.shape == (steps + 1, self.hidden_size):
+            states = states[:steps]  # the final state s_T is not stored in this layout
+        want = {"states": (rows, self.hidden_size), "actions": (steps, self.action_dim),
                 "rewards": (steps,), "dones": (steps,)}
+        rows_doc = ("T+1 rows: this buffer stores terminal states" if self.terminal_states
+                    else "T rows, or T+1 whose last is not stored")
         for field, arr in zip(want, (states, actions, rewards, dones)):
             if arr.shape != want[field]:
                 raise DatError(f"Episode {eid}: {field} has shape {tuple(arr.shape)}, expected "
                                f"{want[field]} (T={steps} steps, hidden_size={self.hidden_size}, "
-                               f"action_dim={self.action_dim}; states holds T+1 rows).")
+                               f"action_dim={self.action_dim}; states holds {rows_doc}).")
+        if not self.terminal_states:
+            if steps == 0:
+                raise DatError(f"Episode {eid} has no steps: without terminal states it would "
+                               f"have no rows. Leave it out, or store terminal states.")
+            if not dones[-1]:
+                raise DatError(f"Episode {eid}: its last step has done = False, but this buffer "
+                               f"does not store terminal states, so that step would have no "
+                               f"s'. Mark the last step done, or store terminal states "
+                               f"(meta terminal_states = True; `dat collect --terminal-states`).")
         if not np.isfinite(states).all():
             raise DatError(f"Episode {eid}: states contain NaN or inf.")
         if np.abs(states).max(initial=0.0) > FP16_MAX:
@@ -370,16 +430,17 @@ class BufferWriter:
 
     def _table(self, records, arrays) -> pa.Table:
         eid, sid, step, term, rew, done, fail, act_mask = [], [], [], [], [], [], [], []
+        last = [True] if self.terminal_states else []  # the terminal row, if stored
         for r, (_, _, rewards, dones, steps) in zip(records, arrays):
-            n = steps + 1
+            n = steps + len(last)
             eid += [int(r.episode_id)] * n
             sid += [str(r.scenario_id)] * n
             step += list(range(n))
-            term += [False] * steps + [True]
-            rew += [float(x) for x in rewards] + [None]
-            done += [bool(x) for x in dones] + [None]
+            term += [False] * steps + last
+            rew += [float(x) for x in rewards] + [None] * len(last)
+            done += [bool(x) for x in dones] + [None] * len(last)
             fail += [bool(r.judge_failed)] * n
-            act_mask += [False] * steps + [True]
+            act_mask += [False] * steps + last
         states = np.concatenate([a[0] for a in arrays])
         actions = np.concatenate([a[1] for a in arrays]).reshape(-1)
         state_col = pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1)),
@@ -394,7 +455,8 @@ class BufferWriter:
             action_col = pa.FixedSizeListArray.from_arrays(
                 pa.array(full.reshape(-1)), self.action_dim, mask=pa.array(act_mask))
         schema_meta = {"dat": json.dumps({"format": FORMAT, "hidden_size": self.hidden_size,
-                                          "action_dim": self.action_dim})}
+                                          "action_dim": self.action_dim,
+                                          "terminal_states": self.terminal_states})}
         columns = {
             "episode_id": pa.array(eid, pa.int64()),
             "scenario_id": pa.array(sid, pa.string()),
@@ -414,10 +476,12 @@ class BufferWriter:
 def _write_parquet(table: pa.Table, f) -> None:
     """zstd with byte-stream-split for the float columns: the exponent bytes of hidden states
     compress well once split from the mantissa bytes. Level 15 finds repeated states within
-    a shard (e.g. the first state of episodes of the same scenario) at ~15 ms per shard."""
+    a shard (e.g. the first state of episodes of the same scenario) at ~15 ms per shard.
+    Column statistics (min/max in the footer, a fixed cost per shard: ~350 bytes, ~7 bytes
+    per transition in a shard of 48) are kept for ``episode_id`` only."""
     try:
         pq.write_table(table, f, compression="zstd", compression_level=15,
-                       use_dictionary=["scenario_id"],
+                       use_dictionary=["scenario_id"], write_statistics=["episode_id"],
                        use_byte_stream_split=["state", "action", "reward"])
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # older pyarrow: no BSS for fp16
         f.seek(0)
@@ -453,7 +517,7 @@ class _Shard:
     judge_failed: np.ndarray  # [rows] bool
 
 
-def _load_shard(path: Path, hidden: int, action_dim: int) -> _Shard:
+def _load_shard(path: Path, hidden: int, action_dim: int, terminal_states: bool) -> _Shard:
     table = _read_table(path)
     missing = [c for c in COLUMNS if c not in table.column_names and (action_dim or c != "action")]
     if missing:
@@ -503,12 +567,21 @@ def _load_shard(path: Path, hidden: int, action_dim: int) -> _Shard:
         )
     except (pa.ArrowException, TypeError, ValueError) as e:
         raise DatError(f"Buffer shard {path} has a malformed column: {e}") from None
-    _validate_shard(shard)
+    stored = bool(shard.terminal.any())
+    if stored != terminal_states:
+        old = ("; a meta.json without 'terminal_states' is a buffer written with terminal "
+               "states" if terminal_states else "")
+        raise DatError(f"Buffer shard {path} holds episodes {_layout(stored)}, but meta.json "
+                       f"says terminal_states = {str(terminal_states).lower()}{old}. A buffer "
+                       f"must not mix the two layouts: move this shard (and its dialogues "
+                       f"file) to a buffer folder of its own layout.")
+    _validate_shard(shard, terminal_states)
     return shard
 
 
-def _validate_shard(s: _Shard) -> None:
-    """Every episode must be rows step 0..T, sorted, with the terminal row last."""
+def _validate_shard(s: _Shard, terminal_states: bool) -> None:
+    """Every episode must be rows step 0..T (0..T-1 without terminal states), sorted, with
+    the terminal row last (without terminal states: no terminal row, the last step done)."""
     n = len(s.episode_id)
     if n == 0:
         raise DatError(f"Buffer shard {s.path} has no rows.")
@@ -524,8 +597,11 @@ def _validate_shard(s: _Shard) -> None:
         problems.append("an episode does not start at step 0")
     if (s.step[1:][~first[1:]] != s.step[:-1][~first[1:]] + 1).any():
         problems.append("steps are not consecutive")
-    if (s.terminal != last).any():
+    if terminal_states and (s.terminal != last).any():
         problems.append("the terminal row is not exactly the last row of each episode")
+    if not terminal_states and not s.done[last].all():
+        problems.append("the last step of an episode is not done (without terminal states "
+                        "it would have no s')")
     if not np.isfinite(s.state).all():
         problems.append("a state holds NaN or inf")
     if (np.isnan(s.reward[~s.terminal]) & ~s.judge_failed[~s.terminal]).any():
@@ -539,7 +615,8 @@ class Buffer:
 
     ``len(buffer)`` is the number of episodes. ``tensors()`` gives the transitions
     ``(s, a, r, s', done)``; episodes whose judge failed are left out by default
-    (``n_failed`` counts them).
+    (``n_failed`` counts them). Both layouts (with or without terminal states,
+    ``terminal_states``) are read.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -547,6 +624,7 @@ class Buffer:
         self.meta = _read_meta(self.directory)
         self.hidden_size: int = self.meta["hidden_size"]
         self.action_dim: int = self.meta["action_dim"]
+        self.terminal_states: bool = self.meta["terminal_states"]  # s_T stored (T + 1 rows)
         self.shards = _shard_files(self.directory)
         if not self.shards:
             raise DatError(f"Buffer folder {self.directory} has a {META_FILE} but no shards "
@@ -555,7 +633,7 @@ class Buffer:
         self._owner: dict[int, Path] = {}  # episode id -> the shard whose copy is kept
         parts = []
         for path in self.shards:
-            shard = _load_shard(path, self.hidden_size, self.action_dim)
+            shard = _load_shard(path, self.hidden_size, self.action_dim, self.terminal_states)
             new = ~np.isin(shard.episode_id, np.fromiter(self._owner, np.int64, len(self._owner)))
             ids = np.unique(shard.episode_id[new])
             self.n_duplicates += len(np.unique(shard.episode_id)) - len(ids)
@@ -570,6 +648,8 @@ class Buffer:
         order = np.lexsort((step, eid))  # by episode, then step: s' of row i is row i + 1
         self._episode_id = eid[order]
         self._step = step[order]
+        self._last = np.ones(len(order), bool)  # the last stored row of each episode
+        self._last[:-1] = self._episode_id[1:] != self._episode_id[:-1]
         self._terminal = cat("terminal")[order]
         self._state = cat("state")[order]  # float16, [rows, hidden]
         self._action = cat("action")[order]
@@ -594,7 +674,7 @@ class Buffer:
     @property
     def n_failed(self) -> int:
         """Episodes whose judge failed (left out of ``tensors()`` by default)."""
-        return int((self._judge_failed & self._terminal).sum())
+        return int((self._judge_failed & self._last).sum())
 
     def episode_ids(self) -> list[int]:
         return sorted(self._owner)
@@ -616,18 +696,23 @@ class Buffer:
         ``dones [N]``, all float32 on ``device``, ordered by (episode id, step).
 
         ``next_states[i]`` is the state row after transition ``i``'s row in the same episode
-        (its step + 1), so s' is never stored twice; for the last step it is the episode's
-        terminal state. ``drop_failed`` leaves out the episodes whose judge failed;
-        ``scenarios`` keeps only those scenario ids (e.g. for a per-scenario planner)."""
+        (its step + 1), so s' is never stored twice. For the last step it is the episode's
+        terminal state if the buffer stores terminal states, else a zero vector: that step
+        is done (``dones = 1``), so TD targets ``r + gamma * (1 - done) * Q(s', .)`` ignore
+        it. ``drop_failed`` leaves out the episodes whose judge failed; ``scenarios`` keeps
+        only those scenario ids (e.g. for a per-scenario planner)."""
         idx = self._rows(drop_failed, scenarios)
-        nxt = idx + 1
+        has_next = ~self._last[idx]  # all True with terminal states (the terminal row is last)
+        nxt = np.where(has_next, idx + 1, idx)
         assert (self._episode_id[nxt] == self._episode_id[idx]).all()  # guaranteed by layout
+        next_states = self._state[nxt].astype(np.float32)
+        next_states[~has_next] = 0.0
 
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)
 
         return {"states": t(self._state[idx]), "actions": t(self._action[idx]),
-                "rewards": t(self._reward[idx]), "next_states": t(self._state[nxt]),
+                "rewards": t(self._reward[idx]), "next_states": t(next_states),
                 "dones": t(self._done[idx])}
 
     def index(self, drop_failed: bool = True, scenarios: Iterable[str] | None = None
@@ -654,7 +739,8 @@ class Buffer:
 
     @property
     def state_mean(self) -> torch.Tensor:
-        """Mean over all stored states (every row, terminal states included), ``[d]``."""
+        """Mean over all stored states (every row, terminal states included when the buffer
+        stores them), ``[d]``."""
         if self._mean is None:
             self._moments()
         return self._mean
@@ -713,7 +799,7 @@ class Buffer:
     def __repr__(self) -> str:
         return (f"Buffer({str(self.directory)!r}: {len(self)} episodes, {self.n_transitions} "
                 f"transitions, {self.n_failed} judge-failed, hidden_size={self.hidden_size}, "
-                f"action_dim={self.action_dim})")
+                f"action_dim={self.action_dim}, terminal_states={self.terminal_states})")
 
 
 def reference_bytes_per_transition(hidden: int, action_dim: int) -> int:

@@ -127,6 +127,10 @@ def collect(
     seed: int = typer.Option(0, help="Seed of the scenario order, noise and sampling."),
     act_norm: float = typer.Option(None, help="Action norm (default: the planner's)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    terminal_states: bool = typer.Option(
+        False, "--terminal-states/--no-terminal-states",
+        help="Also store each episode's final state s_T (not needed by TD3+BC; older buffers "
+             "have it, so resuming one needs --terminal-states)."),
 ) -> None:
     """Run episodes and store them as an offline buffer (Parquet shards, resumable)."""
     from dat.collect import CollectConfig, collect as run_collect
@@ -135,7 +139,7 @@ def collect(
                         planner=planner, up_mapping=up_mapping, noise=noise, episodes=episodes,
                         batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
                         temperature=temperature, split=split, seed=seed, act_norm=act_norm,
-                        device=device)
+                        device=device, terminal_states=terminal_states)
     summary = _run(lambda: run_collect(cfg))
     console.print(f"[green]done[/]: {summary['episodes_run']} episodes run, "
                   f"{summary['episodes_skipped']} already there, mean reward "

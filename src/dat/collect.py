@@ -7,6 +7,11 @@ Without a planner this writes the self-clone corpus (the unsteered agent's dialo
 The run is resumable: episode ``i`` always gets the same scenario (a seeded order over the
 split), finished episodes are committed shard by shard, and a re-run of the same command
 skips what is already on disk. A folder written with other settings is refused.
+
+By default the buffer leaves out each episode's terminal state ``s_T`` (TD targets never use
+it: the last step is done), which also saves the final state pass of every episode;
+``terminal_states=True`` (``--terminal-states``) stores it, as buffers written before this
+option did. Resuming such an older folder needs ``--terminal-states``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class CollectConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    terminal_states: bool = False  # also store each episode's final state s_T (T + 1 rows)
 
 
 def load_policy(lm, planner: str | None, up_mapping: str | None, action_dim: int = 64,
@@ -114,11 +120,16 @@ def collect(cfg: CollectConfig, lm=None, setting=None, partner=None) -> dict:
     planner, up = load_policy(lm, cfg.planner, cfg.up_mapping, cfg.action_dim, cfg.n_tokens, cfg.seed)
     rcfg = RolloutConfig(batch_size=cfg.batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, noise=cfg.noise, act_norm=cfg.act_norm,
-                         position=cfg.position, seed=cfg.seed)
+                         position=cfg.position, seed=cfg.seed,
+                         terminal_states=cfg.terminal_states)
     rollout = Rollout(lm, setting, partner=partner, planner=planner, up_mapping=up, config=rcfg)
+    settings = asdict(cfg)
+    # the layout is the top-level key below (checked with its own message; buffers written
+    # before the option have no such setting)
+    del settings["terminal_states"]
     meta = {
         "kind": "corpus" if up is None else "exploration",
-        "settings": asdict(cfg),
+        "settings": settings,
         "env": setting.name,
         "model": lm.name,
         "hidden_size": lm.hidden_size,
@@ -130,6 +141,7 @@ def collect(cfg: CollectConfig, lm=None, setting=None, partner=None) -> dict:
         "reward_timing": setting.reward_timing,
         "split": cfg.split,
         "scenario_ids": sorted({s.id for s in setting.scenarios(cfg.split)}),
+        "terminal_states": cfg.terminal_states,
     }
     writer = BufferWriter(cfg.out, meta, volatile=VOLATILE)
     done_ids = writer.completed_episode_ids()

@@ -2,7 +2,9 @@
 
 Every state pass and every generation of the steered agent and of its partner is one batched
 call over all episodes that are waiting for it. An episode that ends frees its slot for the
-next one in the queue, so the batch stays full.
+next one in the queue, so the batch stays full. Each episode keeps a KV cache per agent
+across turns (:mod:`dat.kvcache`), so a turn encodes only the new tokens of its prompt; a
+steered generation re-encodes from its action tokens on (they change every turn).
 
 Actions for each steered turn:
 
@@ -24,6 +26,7 @@ import torch
 
 from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
 from dat.errors import DatError
+from dat.kvcache import PrefixCache
 from dat.planner import Planner, UpMapping, normalize_action
 
 
@@ -39,6 +42,12 @@ class RolloutConfig:
     act_norm: float | None = None  # None: the planner's (or up-mapping's) own
     position: str | None = None  # None: the planner's own, else "prefix"
     seed: int = 0
+    # keep each agent's KV cache across turns so that only new tokens are encoded
+    # (outputs are the same as re-encoding every prompt in full)
+    prefix_cache: bool = True
+    # also compute the terminal state s_T (one more batched state pass per finished group);
+    # TD targets never use it (the last step is done), so buffers leave it out by default
+    terminal_states: bool = False
 
 
 @dataclass
@@ -46,7 +55,9 @@ class RolloutEpisode:
     """A finished episode with what the buffer stores."""
 
     episode: Episode
-    states: torch.Tensor  # [T + 1, hidden]: s_0 .. s_T (the last is the terminal s')
+    # [T, hidden]: s_0 .. s_{T-1}; [T + 1, hidden] with config.terminal_states (the last is
+    # the terminal state s_T)
+    states: torch.Tensor
     actions: torch.Tensor  # [T, d'] (d' = 0 when unsteered)
     rewards: list[float | None]  # one per steered step (None where the judge failed)
     judge_failed: bool
@@ -73,6 +84,8 @@ class _Slot:
     tokens: int = 0
     turn_tokens: list = field(default_factory=list)
     turn_stopped: list = field(default_factory=list)
+    steered_cache: PrefixCache = field(default_factory=PrefixCache)  # the steered agent's view
+    partner_cache: PrefixCache = field(default_factory=PrefixCache)
 
 
 class Partner:
@@ -81,10 +94,12 @@ class Partner:
     def __init__(self, model):
         self.model = model
 
-    def reply(self, dialogues, max_new_tokens, temperature, top_p, seed) -> tuple[list[str], int]:
+    def reply(self, dialogues, max_new_tokens, temperature, top_p, seed,
+              caches=None) -> tuple[list[str], int]:
         if hasattr(self.model, "generate_detailed"):
             g = self.model.generate_detailed(dialogues, max_new_tokens=max_new_tokens,
-                                             temperature=temperature, top_p=top_p, seed=seed)
+                                             temperature=temperature, top_p=top_p, seed=seed,
+                                             caches=caches)
             return g.texts, g.num_generated
         texts = self.model.reply(dialogues, max_new_tokens=max_new_tokens, temperature=temperature,
                                  seed=seed)
@@ -117,6 +132,7 @@ class Rollout:
         self.action_dim = self.up.config.action_dim if self.up is not None else 0
         self.generated_tokens = 0
         self._calls = 0
+        self._seeds: dict[str, PrefixCache] = {}
 
     # ------------------------------------------------------------------ actions
     def _actions(self, slots: list[_Slot], states: torch.Tensor) -> torch.Tensor | None:
@@ -142,10 +158,31 @@ class Rollout:
         self._calls += 1
         return self.cfg.seed * 1_000_003 + self._calls
 
+    def _caches(self, slots: list[_Slot], agent: str, views: list) -> list[PrefixCache] | None:
+        """The agent's prefix caches of these slots. New episodes start from a cache of the
+        token prefix that all episodes' first prompts share (system prompt or its start),
+        encoded once per rollout; stored caches are replaced, never changed in place, so
+        sharing its tensor is safe."""
+        if not self.cfg.prefix_cache or not self.lm.supports_prefix_cache:
+            return None
+        caches = [s.steered_cache if agent == "steered" else s.partner_cache for s in slots]
+        fresh = [i for i, c in enumerate(caches) if not c.ids]
+        if fresh and agent not in self._seeds and len(fresh) > 1:
+            ids = [self.lm.encode(views[i]) for i in fresh]
+            n = min(map(len, ids))
+            common = next((k for k in range(n) if len({x[k] for x in ids}) > 1), n)
+            if common > 1:
+                self._seeds[agent] = self.lm.prefill(ids[0][:common])
+        seed = self._seeds.get(agent)
+        for i in fresh if seed is not None else ():
+            caches[i].ids, caches[i].kv = seed.ids, seed.kv
+        return caches
+
     # ------------------------------------------------------------------ turns
     def _steered_turn(self, slots: list[_Slot]) -> None:
         views = [s.episode.view("steered") for s in slots]
-        states = self.lm.state(views, batch_size=len(views))
+        caches = self._caches(slots, "steered", views)
+        states = self.lm.state(views, batch_size=len(views), caches=caches)
         for s, row in zip(slots, states):
             s.states.append(row)
         actions = self._actions(slots, states)
@@ -153,7 +190,7 @@ class Rollout:
         g = self.lm.generate_detailed(views, actions=embeds, position=self.position,
                                       max_new_tokens=self.cfg.max_new_tokens,
                                       temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                      seed=self._seed())
+                                      seed=self._seed(), caches=caches)
         for s, text, toks, stop in zip(slots, g.texts, g.token_ids, g.stopped):
             s.episode.turns.append(Turn("steered", text))
             s.next_speaker = "partner"
@@ -165,8 +202,10 @@ class Rollout:
     def _partner_turn(self, slots: list[_Slot]) -> None:
         temp = self.cfg.partner_temperature
         temp = self.cfg.temperature if temp is None else temp
-        texts, n = self.partner.reply([s.episode.view("partner") for s in slots],
-                                      self.cfg.max_new_tokens, temp, self.cfg.top_p, self._seed())
+        views = [s.episode.view("partner") for s in slots]
+        caches = self._caches(slots, "partner", views) if self.partner.model is self.lm else None
+        texts, n = self.partner.reply(views, self.cfg.max_new_tokens, temp, self.cfg.top_p,
+                                      self._seed(), caches=caches)
         self.generated_tokens += n
         for s, text in zip(slots, texts):
             first = not any(t.speaker == "steered" for t in s.episode.turns)
@@ -195,13 +234,18 @@ class Rollout:
     def _finish(self, slots: list[_Slot]) -> list[RolloutEpisode]:
         if not slots:
             return []
-        final = self.lm.state([s.episode.view("steered") for s in slots], batch_size=len(slots))
+        final = [None] * len(slots)
+        if self.cfg.terminal_states:
+            views = [s.episode.view("steered") for s in slots]
+            final = self.lm.state(views, batch_size=len(slots), caches=self._caches(slots, "steered", views))
         out = []
         for s, last in zip(slots, final):
             rewards = self._step_rewards(s.episode, len(s.states))
             failed = any(r.failed for r in s.episode.rewards)
             actions = torch.stack(s.actions) if s.actions else torch.zeros(len(s.states), 0)
-            out.append(RolloutEpisode(s.episode, torch.stack(s.states + [last]), actions, rewards,
+            rows = s.states + ([] if last is None else [last])
+            states = torch.stack(rows) if rows else torch.zeros(0, self.lm.hidden_size)
+            out.append(RolloutEpisode(s.episode, states, actions, rewards,
                                       failed, s.tokens, s.turn_tokens, s.turn_stopped))
         return out
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dat.errors import ContextLengthError, DatError
+from dat.kvcache import PrefixCache, slab_cache, supports_slab, take
 from dat.models import DEFAULT_MODEL, load_model
 
 Position = Literal["prefix", "infix", "suffix"]
@@ -56,7 +57,10 @@ class _Batch:
     inputs_embeds: torch.Tensor  # [B, T, H]
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
-    lengths: list[int]  # unpadded length of each row
+    lengths: list[int]  # unpadded length of each row (cached prefix and action tokens included)
+    cache: object | None = None  # a slab cache holding the rows' cached prefixes
+    # filled by _decode: every token picked per row (stop tokens and pads included)
+    tokens: list[list[int]] | None = None
 
 
 class SteeredLM:
@@ -91,6 +95,7 @@ class SteeredLM:
         # transformers >= 5.2x renamed `past_key_values` to `cache`.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.supports_prefix_cache = supports_slab(model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -214,32 +219,60 @@ class SteeredLM:
         ids: list[list[int]],
         insert_at: list[int] | None,
         actions: torch.Tensor | None,
+        caches: list[PrefixCache] | None = None,
+        reuse: list[int] | None = None,
+        capacity: int = 0,
     ) -> _Batch:
-        """Left-padded input embeddings with the action vectors inserted at ``insert_at``."""
+        """Left-padded input embeddings with the action vectors inserted at ``insert_at``.
+
+        With ``caches``, the first ``reuse[i]`` tokens of row ``i`` come from ``caches[i]``
+        (``insert_at[i] >= reuse[i]``) and only the rest is embedded; the batch then carries a
+        slab cache with room for ``capacity`` more positions after the new tokens.
+        """
         n_act = 0 if actions is None else actions.shape[1]
-        lengths = [len(x) + n_act for x in ids]
+        start = reuse or [0] * len(ids)
+        tails = [x[s:] for x, s in zip(ids, start)]
+        lengths = [len(x) + n_act for x in tails]
         B, T = len(ids), max(lengths)
         tokens = torch.full((B, T), self.pad_token_id, dtype=torch.long)
         is_action = torch.zeros((B, T), dtype=torch.bool)
         mask = torch.zeros((B, T), dtype=torch.long)
-        for i, row in enumerate(ids):
-            start = T - lengths[i]
-            mask[i, start:] = 1
+        for i, row in enumerate(tails):
+            begin = T - lengths[i]
+            mask[i, begin:] = 1
             if n_act:
-                p = insert_at[i]
-                tokens[i, start:start + p] = torch.tensor(row[:p], dtype=torch.long)
-                is_action[i, start + p:start + p + n_act] = True
-                tokens[i, start + p + n_act:] = torch.tensor(row[p:], dtype=torch.long)
+                p = insert_at[i] - start[i]
+                tokens[i, begin:begin + p] = torch.tensor(row[:p], dtype=torch.long)
+                is_action[i, begin + p:begin + p + n_act] = True
+                tokens[i, begin + p + n_act:] = torch.tensor(row[p:], dtype=torch.long)
             else:
-                tokens[i, start:] = torch.tensor(row, dtype=torch.long)
+                tokens[i, begin:] = torch.tensor(row, dtype=torch.long)
         dev = self.device
         tokens, mask, is_action = tokens.to(dev), mask.to(dev), is_action.to(dev)
         embeds = self.model.get_input_embeddings()(tokens)
         if n_act:
             b_idx, t_idx = is_action.nonzero(as_tuple=True)  # row-major: matches actions' order
             embeds = embeds.index_put((b_idx, t_idx), actions.to(dev, embeds.dtype).reshape(-1, embeds.shape[-1]))
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return _Batch(embeds, mask, position_ids, lengths)
+        offset = torch.tensor(start, dtype=torch.long, device=dev)[:, None]
+        position_ids = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if caches is not None:
+            cache, past_mask = slab_cache(self.model, caches, start, B, T + capacity, self.dtype, dev)
+            mask = torch.cat([past_mask, mask], dim=1)
+        return _Batch(embeds, mask, position_ids, [len(x) + n_act for x in ids], cache)
+
+    def _reuse(self, caches, ids, insert_at) -> list[int]:
+        """Tokens of each row taken from its prefix cache (never past the action tokens)."""
+        return [c.reusable(x, None if insert_at is None else p)
+                for c, x, p in zip(caches, ids, insert_at or [None] * len(ids))]
+
+    @staticmethod
+    def _store(caches, batch: _Batch, ids: list[list[int]]) -> None:
+        """Keep in each row's prefix cache the keys/values of ``ids[i]``: the valid slab
+        columns of row ``i`` in order (cached prefix, new tokens, fed decoding steps)."""
+        for i, (c, row) in enumerate(zip(caches, ids)):
+            cols = batch.attention_mask[i].nonzero().squeeze(-1)[:len(row)]
+            c.ids, c.kv = list(row[:len(cols)]), take(batch.cache, i, cols)
 
     def _prepare(self, dialogues, actions, position, reserve):
         dialogues = _check_batch(dialogues)
@@ -256,21 +289,48 @@ class SteeredLM:
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def state(self, dialogues: Sequence[Dialogue], batch_size: int = 32) -> torch.Tensor:
+    def state(self, dialogues: Sequence[Dialogue], batch_size: int = 32,
+              caches: list[PrefixCache] | None = None) -> torch.Tensor:
         """Final-layer hidden state of the last prompt token, without action tokens.
 
+        With ``caches`` (one :class:`PrefixCache` per dialogue, updated in place), only the
+        tokens after each dialogue's cached prefix are encoded.
         Returns float32 ``[B, hidden]`` on the CPU.
         """
         dialogues = _check_batch(dialogues)
+        caches = self._check_caches(caches, len(dialogues))
         ids = [self.encode(d) for d in dialogues]
         out = []
         base = self._base()
         for lo in range(0, len(ids), batch_size):
-            b = self._batch(ids[lo:lo + batch_size], None, None)
+            chunk = ids[lo:lo + batch_size]
+            part = None if caches is None else caches[lo:lo + batch_size]
+            reuse = None if part is None else self._reuse(part, chunk, None)
+            b = self._batch(chunk, None, None, part, reuse)
+            kw = {} if b.cache is None else {self._cache_kw: b.cache}
             h = base(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
-                     position_ids=b.position_ids, use_cache=False).last_hidden_state
+                     position_ids=b.position_ids, use_cache=b.cache is not None, **kw).last_hidden_state
             out.append(h[:, -1].float().cpu())
+            if part is not None:
+                self._store(part, b, chunk)
         return torch.cat(out)
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> PrefixCache:
+        """A :class:`PrefixCache` holding the keys and values of the token ids ``ids``."""
+        cache = PrefixCache()
+        b = self._batch([ids], None, None, [cache], [0])
+        self._base()(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
+                     position_ids=b.position_ids, use_cache=True, **{self._cache_kw: b.cache})
+        self._store([cache], b, [ids])
+        return cache
+
+    def _check_caches(self, caches, n: int) -> list[PrefixCache] | None:
+        if caches is None or not self.supports_prefix_cache:
+            return None  # models with sliding-window or other special caches: encode in full
+        if len(caches) != n or not all(isinstance(c, PrefixCache) for c in caches):
+            raise DatError(f"caches must be a list of {n} PrefixCache objects, one per dialogue.")
+        return list(caches)
 
     def generate(
         self,
@@ -281,10 +341,11 @@ class SteeredLM:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = 0,
+        caches: list[PrefixCache] | None = None,
     ) -> list[str]:
         """Reply of the model to each dialogue (new text only), steered by ``actions``."""
         return self.generate_detailed(dialogues, actions, position, max_new_tokens,
-                                      temperature, top_p, seed).texts
+                                      temperature, top_p, seed, caches=caches).texts
 
     @torch.no_grad()
     def generate_detailed(
@@ -298,10 +359,14 @@ class SteeredLM:
         seed: int | None = 0,
         logprobs: int | None = None,
         ignore_eos: bool = False,
+        caches: list[PrefixCache] | None = None,
     ) -> Generation:
         """Like :meth:`generate`, with token ids and counts; ``logprobs=k`` also returns the
         log-probability of each new token and the ``k`` most likely alternatives.
-        ``ignore_eos`` always generates ``max_new_tokens`` tokens (for benchmarks)."""
+        ``ignore_eos`` always generates ``max_new_tokens`` tokens (for benchmarks).
+        With ``caches`` (one :class:`PrefixCache` per dialogue), each prompt's cached prefix
+        is reused up to the action tokens; unsteered calls also store the prompt and the
+        reply in the cache, so the next turn encodes only what is new."""
         if position not in POSITIONS:
             raise DatError(f"position must be one of {POSITIONS}, got {position!r}")
         if max_new_tokens < 1:
@@ -309,7 +374,9 @@ class SteeredLM:
         if temperature < 0 or not 0 < top_p <= 1:
             raise DatError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         _, ids, insert_at, actions = self._prepare(dialogues, actions, position, max_new_tokens)
-        batch = self._batch(ids, insert_at, actions)
+        caches = self._check_caches(caches, len(ids))
+        reuse = None if caches is None else self._reuse(caches, ids, insert_at)
+        batch = self._batch(ids, insert_at, actions, caches, reuse, capacity=max_new_tokens)
         trace = None
         if logprobs is not None:
             trace = [[] for _ in ids]
@@ -322,6 +389,10 @@ class SteeredLM:
                                     top_logprobs=logprobs, on_step=record if trace is not None else None,
                                     ignore_eos=ignore_eos)
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        if caches is not None and actions is None:
+            # the reply tokens fed back during decoding are part of the next prompt
+            self._store(caches, batch, [x + t[:len(n) + int(st)]
+                                        for x, t, n, st in zip(ids, batch.tokens, new, stopped)])
         if trace is not None:  # the end-of-turn token is not part of the reply
             trace = [row[:len(t)] for row, t in zip(trace, new)]
         return Generation(texts, new, batch.lengths, stopped, trace)
@@ -395,12 +466,15 @@ class SteeredLM:
         if temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(0 if seed is None else int(seed))
-        B = batch.inputs_embeds.shape[0]
+        B, T = batch.inputs_embeds.shape[:2]
         dev = self.device
         stop = torch.tensor([] if ignore_eos else self.eos_token_ids, dtype=torch.long, device=dev)
+        if batch.cache is None:  # a preallocated cache: no torch.cat of the whole cache per step
+            batch.cache = (slab_cache(self.model, None, None, B, T + max_new_tokens, self.dtype, dev)[0]
+                           if self.supports_prefix_cache else DynamicCache())
+        cache = batch.cache
         mask = batch.attention_mask
         pos = batch.position_ids[:, -1:]
-        cache = DynamicCache()
         out = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                          position_ids=batch.position_ids, use_cache=True, logits_to_keep=1,
                          **{self._cache_kw: cache})
@@ -426,7 +500,9 @@ class SteeredLM:
             pos = pos + 1
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                              use_cache=True, **{self._cache_kw: cache})
+        batch.attention_mask = mask  # now covering the fed decoding steps too
         tokens = torch.stack(steps, dim=1).tolist()
+        batch.tokens = tokens
         stop_set = set() if ignore_eos else set(self.eos_token_ids)
         new, stopped = [], []
         for i, row in enumerate(tokens):

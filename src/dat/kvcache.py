@@ -1,0 +1,139 @@
+"""KV caches for batched decoding, and per-dialogue prefix caches kept across turns.
+
+Two costs dominate a dialogue rollout on a small machine besides the decoding itself:
+
+* ``DynamicCache`` grows by ``torch.cat`` at every decoding step, copying the whole cache
+  each time. :func:`slab_cache` preallocates one tensor for the whole call instead.
+* Each turn's prompt is the previous prompt plus the last reply and the new message, so
+  re-encoding it from scratch costs O(turns^2) tokens. A :class:`PrefixCache` keeps the keys
+  and values of the tokens a dialogue has already encoded; the next call encodes only the
+  tokens after the longest common token prefix (matched id by id, so it is exact whatever the
+  chat template does) and batches rows whose cached prefixes have different lengths in one
+  forward pass: each row's prefix is left-padded into the slab and its new tokens are
+  left-padded after it, the attention mask has zeros in both gaps, and position ids continue
+  each row's own count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dat.errors import DatError
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of the tokens one dialogue (one agent's view) has encoded so far."""
+
+    ids: list[int] = field(default_factory=list)
+    kv: torch.Tensor | None = None  # [layers, 2, kv_heads, len(ids), head_dim]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def reusable(self, ids: list[int], limit: int | None = None) -> int:
+        """How many leading tokens of ``ids`` can be taken from the cache: the common prefix,
+        at most ``limit``, and never all of ``ids`` (the last token must be run for its
+        output)."""
+        n = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)
+        return max(0, n if limit is None else min(n, limit))
+
+
+def _cache_shape(model) -> tuple[int, int, int]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def supports_slab(model) -> bool:
+    """True when every layer of the model's default cache is a plain full-attention layer
+    (no sliding windows, no linear attention): only then is the slab layout exact."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and \
+        len(layers) == _cache_shape(model)[0]
+
+
+def _slab_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SlabLayer(DynamicLayer):
+        """A cache layer writing into a preallocated ``[B, kv_heads, capacity, head_dim]``
+        slab; ``keys``/``values`` are views of its filled part."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
+            super().__init__()
+            self.slab_keys, self.slab_values, self.n = keys, values, filled
+            self.device = keys.device
+            self.is_initialized = True
+            self.keys, self.values = keys[:, :, :filled], values[:, :, :filled]
+
+        def lazy_initialization(self, key_states, value_states):  # the slab is the storage
+            return None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            m = key_states.shape[-2]
+            if self.n + m > self.slab_keys.shape[2]:
+                raise DatError(f"KV slab of {self.slab_keys.shape[2]} positions is full.")
+            self.slab_keys[:, :, self.n:self.n + m] = key_states
+            self.slab_values[:, :, self.n:self.n + m] = value_states
+            self.n += m
+            self.keys = self.slab_keys[:, :, :self.n]
+            self.values = self.slab_values[:, :, :self.n]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+    return SlabLayer
+
+
+_SLAB_LAYER = None
+
+
+def slab_cache(model, rows: list[PrefixCache | None] | None, reuse: list[int] | None,
+               batch: int, capacity: int, dtype: torch.dtype, device) -> tuple[object, torch.Tensor]:
+    """A ``DynamicCache`` whose layers write into one preallocated tensor.
+
+    ``rows[i].kv[..., :reuse[i], :]`` is placed right-aligned in the first ``C = max(reuse)``
+    positions. Returns the cache and the ``[B, C]`` attention mask of those positions.
+    ``capacity`` is the number of positions after them (new tokens + decoding steps).
+    """
+    global _SLAB_LAYER
+    from transformers import DynamicCache
+
+    if _SLAB_LAYER is None:
+        _SLAB_LAYER = _slab_layer_class()
+    n_layers, kv_heads, head_dim = _cache_shape(model)
+    C = max(reuse) if reuse else 0
+    # zeros, not empty: masked positions still get multiplied by a softmax weight of 0
+    slab = torch.zeros(n_layers, 2, batch, kv_heads, C + capacity, head_dim, dtype=dtype, device=device)
+    past_mask = torch.zeros(batch, C, dtype=torch.long, device=device)
+    for i, r in enumerate(reuse or []):
+        if r:
+            slab[:, :, i, :, C - r:C] = rows[i].kv[:, :, :, :r].to(device, dtype)
+            past_mask[i, C - r:] = 1
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_SLAB_LAYER(slab[k, 0], slab[k, 1], C) for k in range(n_layers)]
+    cache.slab = slab  # kept for :func:`take`
+    return cache, past_mask
+
+
+def take(cache, row: int, columns: torch.Tensor) -> torch.Tensor:
+    """The keys and values of ``columns`` of one row: ``[layers, 2, kv_heads, n, head_dim]``."""
+    return cache.slab[:, :, row].index_select(3, columns.to(cache.slab.device))
