@@ -16,6 +16,7 @@ Two costs dominate a dialogue rollout on a small machine besides the decoding it
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -62,13 +63,14 @@ def supports_slab(model) -> bool:
 
     try:
         cache = DynamicCache(config=model.config)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any model whose cache cannot be built: encode in full
         return False
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and \
         len(layers) == _cache_shape(model)[0]
 
 
+@functools.cache  # one class, defined on first use: transformers is imported lazily
 def _slab_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -103,9 +105,6 @@ def _slab_layer_class():
     return SlabLayer
 
 
-_SLAB_LAYER = None
-
-
 def slab_cache(model, rows: list[PrefixCache | None] | None, reuse: list[int] | None,
                batch: int, capacity: int, dtype: torch.dtype, device) -> tuple[object, torch.Tensor]:
     """A ``DynamicCache`` whose layers write into one preallocated tensor.
@@ -114,11 +113,9 @@ def slab_cache(model, rows: list[PrefixCache | None] | None, reuse: list[int] | 
     positions. Returns the cache and the ``[B, C]`` attention mask of those positions.
     ``capacity`` is the number of positions after them (new tokens + decoding steps).
     """
-    global _SLAB_LAYER
     from transformers import DynamicCache
 
-    if _SLAB_LAYER is None:
-        _SLAB_LAYER = _slab_layer_class()
+    layer = _slab_layer_class()
     n_layers, kv_heads, head_dim = _cache_shape(model)
     C = max(reuse) if reuse else 0
     # zeros, not empty: masked positions still get multiplied by a softmax weight of 0
@@ -129,7 +126,7 @@ def slab_cache(model, rows: list[PrefixCache | None] | None, reuse: list[int] | 
             slab[:, :, i, :, C - r:C] = rows[i].kv[:, :, :, :r].to(device, dtype)
             past_mask[i, C - r:] = 1
     cache = DynamicCache(config=model.config)
-    cache.layers = [_SLAB_LAYER(slab[k, 0], slab[k, 1], C) for k in range(n_layers)]
+    cache.layers = [layer(slab[k, 0], slab[k, 1], C) for k in range(n_layers)]
     cache.slab = slab  # kept for :func:`take`
     return cache, past_mask
 

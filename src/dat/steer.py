@@ -301,29 +301,29 @@ class SteeredLM:
         caches = self._check_caches(caches, len(dialogues))
         ids = [self.encode(d) for d in dialogues]
         out = []
-        base = self._base()
         for lo in range(0, len(ids), batch_size):
-            chunk = ids[lo:lo + batch_size]
             part = None if caches is None else caches[lo:lo + batch_size]
-            reuse = None if part is None else self._reuse(part, chunk, None)
-            b = self._batch(chunk, None, None, part, reuse)
-            kw = {} if b.cache is None else {self._cache_kw: b.cache}
-            h = base(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
-                     position_ids=b.position_ids, use_cache=b.cache is not None, **kw).last_hidden_state
-            out.append(h[:, -1].float().cpu())
-            if part is not None:
-                self._store(part, b, chunk)
+            out.append(self._last_hidden(ids[lo:lo + batch_size], part)[:, -1].float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
     def prefill(self, ids: list[int]) -> PrefixCache:
         """A :class:`PrefixCache` holding the keys and values of the token ids ``ids``."""
         cache = PrefixCache()
-        b = self._batch([ids], None, None, [cache], [0])
-        self._base()(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
-                     position_ids=b.position_ids, use_cache=True, **{self._cache_kw: b.cache})
-        self._store([cache], b, [ids])
+        self._last_hidden([ids], [cache])
         return cache
+
+    def _last_hidden(self, ids: list[list[int]], caches: list[PrefixCache] | None) -> torch.Tensor:
+        """Final-layer hidden states of the (new) tokens of ``ids``; with ``caches``, only the
+        tokens after each cached prefix are run and the caches then hold all of ``ids``."""
+        reuse = None if caches is None else self._reuse(caches, ids, None)
+        b = self._batch(ids, None, None, caches, reuse)
+        kw = {} if b.cache is None else {self._cache_kw: b.cache}
+        h = self._base()(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
+                         position_ids=b.position_ids, use_cache=b.cache is not None, **kw).last_hidden_state
+        if caches is not None:
+            self._store(caches, b, ids)
+        return h
 
     def _check_caches(self, caches, n: int) -> list[PrefixCache] | None:
         if caches is None or not self.supports_prefix_cache:
