@@ -239,3 +239,28 @@ def test_cloning_another_agents_corpus_is_the_same_command(lm, tmp_path):
     # two prefix tokens are a weak lever on a 30-layer model: a few steps move it slowly
     assert res.epoch_losses[-1] < res.first_step_loss - 0.25, (res.first_step_loss,
                                                               res.epoch_losses)
+
+
+def test_states_stored_in_the_corpus_are_used_when_they_are_the_models(lm, tmp_path, monkeypatch):
+    """A corpus written with real states (as `dat collect` stores them) is cloned without a
+    second state pass; a corpus whose states are not the model's (zeros) is recomputed."""
+    episodes = make_episodes(lm, n=2, steered_turns=2, max_new_tokens=12)
+    zeros = write_corpus(tmp_path / "zeros", lm, episodes)
+    examples, _ = dc.load_corpus(zeros)
+    real = lm.state([x.prompt for x in examples])
+    w = BufferWriter(tmp_path / "real", {"kind": "corpus", "model": lm.name,
+                                         "hidden_size": lm.hidden_size, "action_dim": 0})
+    w.write([EpisodeRecord(e.episode_id, e.scenario.id, real[2 * i:2 * i + 2].numpy(),
+                           np.zeros((2, 0), np.float32), [0.0, 0.0], [False, True], e)
+             for i, e in enumerate(episodes)])
+    stored = dc.stored_states(Buffer(tmp_path / "real"), examples)
+    assert stored.shape == real.shape
+    assert torch.allclose(stored, real, atol=1e-2 * float(real.abs().max()))  # fp16 storage
+    calls = []
+    compute = dc.compute_states
+    monkeypatch.setattr(dc, "compute_states", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    cfg = small(epochs=1, fidelity=False, eval_fraction=0.0)
+    dc.clone(lm, tmp_path / "real", tmp_path / "out", cfg)
+    assert calls == []  # the stored states were used
+    dc.clone(lm, zeros, tmp_path / "out2", cfg)
+    assert calls == [1]  # zeros are not the model's states: computed

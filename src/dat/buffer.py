@@ -18,7 +18,9 @@ episode either fully present or absent; a dialogues file without its transitions
 orphan that readers ignore, and temporary files start with a dot and are never read. A
 shard is named by its smallest episode id and a hash of its content, so writing the same
 episodes again gives the same name (a no-op); readers still de-duplicate by episode id and
-keep the copy in the first shard in name order.
+keep the copy in the first shard in name order. Several writers may share one folder (the
+workers of ``dat collect --ray``, see ``dat.distributed``): shard names come from their
+content, temporary names carry host and pid, and every writer writes the same ``meta.json``.
 
 **Two layouts**, fixed per buffer by ``terminal_states`` in ``meta.json`` (a buffer never
 mixes them; a ``meta.json`` without the key is the old layout, ``true``):
@@ -75,6 +77,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +99,9 @@ FP16_MAX = float(np.finfo(np.float16).max)
 COLUMNS = ("episode_id", "scenario_id", "step", "terminal", "state", "action", "reward",
            "done", "judge_failed")
 _TMP = re.compile(r"^\.(?:transitions|dialogues|meta)-?.*\.(\d+)\.tmp$")
+# Temporary names carry the host as well as the pid: writers on several machines may share
+# one folder (a Ray cluster on a shared file system), and a pid is only unique on its host.
+_HOST = re.sub(r"[^A-Za-z0-9_-]+", "_", socket.gethostname()) or "host"
 
 
 # --------------------------------------------------------------------------------------
@@ -148,13 +154,14 @@ def _episode_dict(episode: Any) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Small file helpers (atomic, fsynced, temporary names carry the writer's pid)
+# Small file helpers (atomic, fsynced, temporary names carry host and pid)
 # --------------------------------------------------------------------------------------
 
 
 def _write_atomic(path: Path, write) -> None:
-    """``write(file_object)`` into ``.<name>.<pid>.tmp``, fsync, then rename onto ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """``write(file_object)`` into ``.<name>.<host>.<pid>.tmp``, fsync, then rename onto
+    ``path``."""
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -180,12 +187,17 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _remove_stale_tmp(directory: Path) -> None:
-    """Remove temporary files left by writers that were killed (their pid is gone)."""
+    """Remove temporary files left by writers of this host that were killed (their pid is
+    gone). Files of other hosts are left alone: their pids cannot be checked from here."""
     for p in directory.iterdir():
         m = _TMP.match(p.name)
         if not m:
             continue
         pid = int(m.group(1))
+        stem = p.name[:-len(f".{pid}.tmp")]
+        # ".<name>.<pid>.tmp" (written before names carried the host) counts as this host's
+        if not (stem.endswith(f".{_HOST}") or stem.endswith((".parquet", ".jsonl", ".json"))):
+            continue
         try:
             os.kill(pid, 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
@@ -343,9 +355,18 @@ class BufferWriter:
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
         _write_atomic(meta_path, lambda f: f.write(text.encode("utf-8")))
         self._completed: set[int] = set()
+        self._seen: set[str] = set()  # shard files whose episode ids are in _completed
+        self.refresh()
+
+    def refresh(self) -> set[int]:
+        """Read the episode ids of shards committed since the last look (by other writers
+        of the same folder, e.g. the workers of a distributed run); returns all ids."""
         for path in _shard_files(self.directory):
-            self._completed.update(_read_table(path, columns=["episode_id"])
-                                   .column("episode_id").to_pylist())
+            if path.name not in self._seen:
+                self._completed.update(_read_table(path, columns=["episode_id"])
+                                       .column("episode_id").to_pylist())
+                self._seen.add(path.name)
+        return set(self._completed)
 
     def completed_episode_ids(self) -> set[int]:
         """Ids of the episodes already committed in this folder (for resuming)."""
@@ -384,6 +405,7 @@ class BufferWriter:
             _write_atomic(transitions, lambda f: _write_parquet(table, f))  # commit marker
             _fsync_dir(self.directory)
         self._completed.update(ids)
+        self._seen.add(transitions.name)
         return transitions
 
     def _check(self, r: EpisodeRecord):

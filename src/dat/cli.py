@@ -37,6 +37,25 @@ def _run(fn):
         raise typer.Exit(2) from None
 
 
+def _load_lm(model: str, backend: str, device: str, hf="load"):
+    """The model with the chosen generation backend (``hf=None``: leave the transformers
+    backend to the caller's own loading)."""
+    from dat.backends import check_backend, make_lm
+
+    if check_backend(backend) == "hf" and hf is None:
+        return None
+    return make_lm(model, backend=backend, device=device)
+
+
+def _hf_only(backend: str, option: str) -> None:
+    from dat.backends import check_backend
+    from dat.errors import DatError
+
+    if check_backend(backend) != "hf":
+        raise DatError(f"--backend {backend} cannot be combined with {option} yet (Ray workers "
+                       "load the transformers backend); use --backend hf.")
+
+
 @app.command()
 def info() -> None:
     """Print versions, the device that 'auto' picks, and the default model's location."""
@@ -127,10 +146,18 @@ def collect(
     seed: int = typer.Option(0, help="Seed of the scenario order, noise and sampling."),
     act_norm: float = typer.Option(None, help="Action norm (default: the planner's)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
+                                "(pip install 'dat[vllm]'; see docs/scaling.md)."),
     terminal_states: bool = typer.Option(
         False, "--terminal-states/--no-terminal-states",
         help="Also store each episode's final state s_T (not needed by TD3+BC; older buffers "
              "have it, so resuming one needs --terminal-states)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Spread the episodes over Ray workers "
+                                 "(pip install 'dat[ray]'); same buffer content."),
+    num_workers: int = typer.Option(None, help="Ray workers (default: one per GPU; CPU-only: one "
+                                    "per 2 CPUs)."),
+    address: str = typer.Option(None, help="Join this Ray cluster ('auto', host:port); default: "
+                                "a local Ray instance."),
 ) -> None:
     """Run episodes and store them as an offline buffer (Parquet shards, resumable)."""
     from dat.collect import CollectConfig, collect as run_collect
@@ -140,10 +167,18 @@ def collect(
                         batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
                         temperature=temperature, split=split, seed=seed, act_norm=act_norm,
                         device=device, terminal_states=terminal_states)
-    summary = _run(lambda: run_collect(cfg))
+    if use_ray or num_workers or address:
+        from dat.distributed import RayConfig, collect_ray
+
+        rc = RayConfig(num_workers=num_workers, address=address)
+        summary = _run(lambda: _hf_only(backend, "--ray") or collect_ray(cfg, rc))
+    else:
+        summary = _run(lambda: run_collect(cfg, lm=_load_lm(model, backend, device, hf=None)))
+    workers = (f" on {summary['workers']} Ray workers ({summary['restarts']} restarted)"
+               if "workers" in summary else "")
     console.print(f"[green]done[/]: {summary['episodes_run']} episodes run, "
                   f"{summary['episodes_skipped']} already there, mean reward "
-                  f"{summary['mean_reward']:.3f}, {summary['tokens_per_s']:.0f} tok/s -> {out}")
+                  f"{summary['mean_reward']:.3f}, {summary['tokens_per_s']:.0f} tok/s{workers} -> {out}")
 
 
 @app.command()
@@ -161,6 +196,9 @@ def serve(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
+    backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
+                                "(pip install 'dat[vllm]'; replies are sent whole, not streamed "
+                                "token by token)."),
 ) -> None:
     """Serve the model (steered by a planner, if given) over an OpenAI-compatible HTTP API."""
     from dat.serve import serve_command
@@ -169,7 +207,7 @@ def serve(
                                api_key_env=api_key_env, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                served_model_name=served_model_name,
                                default_max_tokens=default_max_tokens, device=device, dtype=dtype,
-                               threads=threads, log_level=log_level))
+                               threads=threads, log_level=log_level, backend=backend))
 
 
 @app.command("clone")
@@ -258,16 +296,25 @@ def eval_cmd(
     split: str = typer.Option("test"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
+                                "(pip install 'dat[vllm]'; see docs/scaling.md)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Run the episodes on Ray workers "
+                                 "(pip install 'dat[ray]'); same results."),
+    num_workers: int = typer.Option(None, help="Ray workers (default: one per GPU; CPU-only: one "
+                                    "per 2 CPUs)."),
+    address: str = typer.Option(None, help="Join this Ray cluster ('auto', host:port); default: "
+                                "a local Ray instance."),
 ) -> None:
     """Compare agents on held-out scenarios: rewards with CIs, paired differences, language quality."""
-    from dat import SteeredLM
     from dat.collect import make_setting
     from dat.errors import DatError
     from dat.evaluate import AgentSpec, evaluate, format_table
     from dat.rollout import RolloutConfig
 
     def go():
-        lm = SteeredLM.from_pretrained(model, device=device)
+        if use_ray or num_workers or address:
+            _hf_only(backend, "--ray")
+        lm = _load_lm(model, backend, device)
         setting = make_setting(env, data, judge, lm, rounds)
         agents = {"unsteered": AgentSpec()}
         for item in agent or []:
@@ -277,7 +324,16 @@ def eval_cmd(
             agents[name] = AgentSpec.from_dir(path)
         cfg = RolloutConfig(batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed)
-        return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg, out_dir=out)
+        if not (use_ray or num_workers or address):
+            return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg,
+                            out_dir=out)
+        from dat.distributed import RayConfig, RayPool
+
+        with RayPool(RayConfig(num_workers=num_workers, address=address), device=device) as pool:
+            runner = pool.eval_runner(model=model, env=env, data=data, judge=judge, rounds=rounds,
+                                      split=split, seed=seed)
+            return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg,
+                            out_dir=out, runner=runner)
 
     results = _run(go)
     print(format_table(results))
@@ -290,12 +346,15 @@ def quickstart(
     tiny: bool = typer.Option(False, help="A few episodes: the whole pipeline in minutes."),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
+    backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
+                                "(pip install 'dat[vllm]'; see docs/scaling.md)."),
 ) -> None:
     """The whole pipeline on the default model and `taboo`: corpus, self-clone, exploration,
     TD3+BC, evaluation on held-out topics. Re-running resumes."""
     from dat.quickstart import QuickstartConfig, quickstart as run_quickstart
 
-    _run(lambda: run_quickstart(QuickstartConfig(out=out, tiny=tiny, device=device, seed=seed)))
+    _run(lambda: run_quickstart(QuickstartConfig(out=out, tiny=tiny, device=device, seed=seed,
+                                                 backend=backend)))
 
 
 def main() -> None:  # pragma: no cover

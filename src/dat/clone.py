@@ -27,9 +27,11 @@ NLL ratio below 1 means the clone fits that agent better than the plain model do
 
 **Choices.**
 
-* States are computed once, up front, with ``lm.state`` in batches, and cached in
-  ``out_dir/cache/states.safetensors`` (keyed by a fingerprint of the model and the prompts),
-  so a resumed run does not recompute them. The planner's state normalisation (mean/std) is
+* States come from the corpus itself when it stores them (``dat collect`` keeps the
+  rollout's ``lm.state`` of exactly these prompts, fp16) and the corpus was written by this
+  model, so no prompt is encoded twice; otherwise they are computed once, up front, with
+  ``lm.state`` in batches, and cached in ``out_dir/cache/states.safetensors`` (keyed by a
+  fingerprint of the model and the prompts), so a resumed run does not recompute them. The planner's state normalisation (mean/std) is
   set from the training states before training and saved with it.
 * AdamW with two learning rates: ``lr`` for the planner (a 576-wide MLP: Adam moves every
   weight by about ``lr`` per step, and the change of its output grows with the width, so it
@@ -268,7 +270,7 @@ def split_examples(examples: Sequence[CloneExample], eval_fraction: float, seed:
             [e for e in examples if e.episode_id in held])
 
 
-def _subset(examples: list[CloneExample], n: int | None, seed: int) -> list[CloneExample]:
+def _subset(examples: list, n: int | None, seed: int) -> list:
     """A seeded subset of ``n`` examples, in their original order."""
     if n is None or n >= len(examples):
         return list(examples)
@@ -620,12 +622,22 @@ def _new_agent(lm, config: CloneConfig, states: torch.Tensor, source: str
 
 def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
           config: CloneConfig | None = None, eval_examples: Sequence[CloneExample] = (),
-          source: str = "examples") -> CloneResult:
+          source: str = "examples", states: torch.Tensor | None = None,
+          eval_states: torch.Tensor | None = None) -> CloneResult:
     """Self-clone on ``examples`` (training) and report fidelity on ``eval_examples``; save
-    the agent (``save_agent``) in ``out_dir`` and return it with the frozen up-mapping."""
+    the agent (``save_agent``) in ``out_dir`` and return it with the frozen up-mapping.
+    ``states`` / ``eval_states`` (``[N, hidden]``, aligned with the examples): their
+    ``lm.state`` when already known (e.g. stored in the corpus); computed when None."""
     config = config or CloneConfig()
     config.validate()
-    examples = _subset(list(examples), config.max_examples, config.seed)
+    for name, st, ex in (("states", states, examples), ("eval_states", eval_states, eval_examples)):
+        if st is not None and tuple(st.shape) != (len(ex), lm.hidden_size):
+            raise DatError(f"{name} has shape {list(st.shape)}, expected [{len(ex)}, "
+                           f"{lm.hidden_size}] (one state of the model per example).")
+    keep = _subset(list(range(len(examples))), config.max_examples, config.seed)
+    examples = [examples[i] for i in keep]
+    if states is not None:
+        states = states[keep].float().contiguous()
     eval_examples = list(eval_examples)
     if not examples:
         raise DatError(f"{source}: no training examples (all episodes were held out?).")
@@ -639,8 +651,10 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
     dev = lm.device
 
     # -- states (once, cached) and token counts
-    states = compute_states(lm, examples, config.state_batch_size,
-                            cache=out / CACHE_DIR / "states.safetensors", progress=config.progress)
+    if states is None:
+        states = compute_states(lm, examples, config.state_batch_size,
+                                cache=out / CACHE_DIR / "states.safetensors",
+                                progress=config.progress)
     counts = torch.tensor(target_tokens(lm, examples), dtype=torch.float64)
     lengths = [len(lm.encode(e.prompt)) + int(c) for e, c in zip(examples, counts.tolist())]
     n = len(examples)
@@ -764,7 +778,7 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
     report = None
     if config.fidelity and eval_examples:
         report = fidelity_report(lm, planner, up, eval_examples, config, train_states=states,
-                                 out_dir=out)
+                                 out_dir=out, eval_states=eval_states)
     summary = {
         "source": source, "model": lm.name, "train_examples": n,
         "eval_examples": len(eval_examples), "epochs": config.epochs, "steps": step,
@@ -786,12 +800,16 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
 def fidelity_report(lm, planner: Planner, up_mapping: UpMapping,
                     eval_examples: Sequence[CloneExample], config: CloneConfig | None = None,
                     train_states: torch.Tensor | None = None,
-                    out_dir: str | os.PathLike | None = None) -> dict:
+                    out_dir: str | os.PathLike | None = None,
+                    eval_states: torch.Tensor | None = None) -> dict:
     """Fidelity of the clone and (``config.fidelity_reference``) of the PCA up-mapping with a
-    random planner on the same held-out examples; written to ``out_dir/fidelity.json``."""
+    random planner on the same held-out examples; written to ``out_dir/fidelity.json``.
+    ``eval_states``: the examples' ``lm.state`` when known (computed when None)."""
     config = config or CloneConfig()
-    examples = _subset(list(eval_examples), config.fidelity_examples, config.seed)
-    states = lm.state([e.prompt for e in examples], batch_size=config.state_batch_size)
+    keep = _subset(list(range(len(eval_examples))), config.fidelity_examples, config.seed)
+    examples = [eval_examples[i] for i in keep]
+    states = (eval_states[keep].float() if eval_states is not None else
+              lm.state([e.prompt for e in examples], batch_size=config.state_batch_size))
     kw = {"max_generate": config.fidelity_generate,
           "max_new_tokens": config.fidelity_max_new_tokens, "batch_size": config.batch_size}
     baseline = unsteered_baseline(lm, examples, **kw)
@@ -827,15 +845,50 @@ def clone(lm, corpus_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Self-clone from a corpus folder written by ``dat collect`` without a planner (or a
     corpus of another agent, same format): hold out ``eval_fraction`` of its episodes for the
     fidelity report, train on the rest, save in ``out_dir``."""
+    from dat.buffer import Buffer
+
     config = config or CloneConfig()
     config.validate()
     examples, meta = load_corpus(corpus_dir)
     train_ex, eval_ex = split_examples(examples, config.eval_fraction, config.seed)
     corpus_model = meta.get("model")
+    train_states = eval_states = None
     if corpus_model and str(corpus_model) != str(lm.name):
         log.info("corpus %s was written by %s: cloning that agent's policy into %s",
                  corpus_dir, corpus_model, lm.name)
-    return train(lm, train_ex, out_dir, config, eval_examples=eval_ex, source=str(corpus_dir))
+    elif meta.get("hidden_size") == lm.hidden_size:
+        stored = stored_states(Buffer(corpus_dir), train_ex + eval_ex)
+        if stored is not None and not _agrees(lm, (train_ex + eval_ex)[0], stored[0]):
+            log.warning("corpus %s stores states that are not this model's lm.state of its "
+                        "prompts: recomputing them", corpus_dir)
+            stored = None
+        if stored is not None:
+            train_states, eval_states = stored[:len(train_ex)], stored[len(train_ex):]
+    return train(lm, train_ex, out_dir, config, eval_examples=eval_ex, source=str(corpus_dir),
+                 states=train_states, eval_states=eval_states)
+
+
+def _agrees(lm, example: CloneExample, stored: torch.Tensor) -> bool:
+    """Spot check of a stored state against ``lm.state`` of its prompt (fp16 storage and a
+    different batch give small differences; another model or garbage gives large ones)."""
+    fresh = lm.state([example.prompt])[0].float().cpu()
+    return bool(torch.nn.functional.cosine_similarity(fresh, stored.float(), dim=0) > 0.99)
+
+
+def stored_states(buffer, examples: Sequence[CloneExample]) -> torch.Tensor | None:
+    """The states a corpus buffer stored for ``examples`` (step ``k`` of an episode is the
+    state before its ``k``-th steered utterance, the ``lm.state`` of exactly the example's
+    prompt), ``[N, hidden]`` float32; None when any is missing (a corpus of another format)."""
+    index = buffer.index(drop_failed=False)
+    rows = {(e, s): i for i, (e, s) in enumerate(zip(index["episode_id"], index["step"]))}
+    ordinal: dict[tuple[int, int], int] = {}
+    for eid in {e.episode_id for e in examples}:
+        turns = sorted(e.turn for e in examples if e.episode_id == eid)
+        ordinal.update({(eid, t): k for k, t in enumerate(turns)})
+    wanted = [rows.get((e.episode_id, ordinal[(e.episode_id, e.turn)])) for e in examples]
+    if any(w is None for w in wanted):
+        return None
+    return buffer.tensors(drop_failed=False)["states"][wanted].contiguous()
 
 
 __all__ = [
@@ -853,6 +906,7 @@ __all__ = [
     "lr_at",
     "pca_reference",
     "split_examples",
+    "stored_states",
     "target_tokens",
     "train",
     "unsteered_baseline",

@@ -12,6 +12,10 @@ By default the buffer leaves out each episode's terminal state ``s_T`` (TD targe
 it: the last step is done), which also saves the final state pass of every episode;
 ``terminal_states=True`` (``--terminal-states``) stores it, as buffers written before this
 option did. Resuming such an older folder needs ``--terminal-states``.
+
+``--ray`` (:mod:`dat.distributed`) spreads the episodes over Ray workers, each with a
+:class:`Collector` writing its own shards into the same folder: the same content as one
+process, and either kind of run resumes the other's folder.
 """
 
 from __future__ import annotations
@@ -105,48 +109,107 @@ def to_record(r: RolloutEpisode) -> EpisodeRecord:
                          rewards, [t == T - 1 for t in range(T)], r.episode, r.judge_failed)
 
 
+class Collector:
+    """A collection run set up once: the model, the setting, the policy and the buffer writer
+    (which checks the folder's settings and writes ``meta.json``).
+
+    ``pending(ids)`` gives the ``(episode_id, scenario)`` jobs of ``ids`` not yet on disk and
+    ``run(jobs)`` collects them into the buffer. :func:`collect` is one ``run`` over all
+    pending episodes; each worker of a distributed run (:mod:`dat.distributed`) holds one
+    Collector and runs many small lists of episode ids into the same folder."""
+
+    def __init__(self, cfg: CollectConfig, lm=None, setting=None, partner=None):
+        from dat import SteeredLM
+
+        if cfg.episodes < 1 or cfg.batch_size < 1:
+            raise DatError("--episodes and --batch-size must be at least 1.")
+        self.cfg = cfg
+        self.lm = lm = lm or SteeredLM.from_pretrained(cfg.model, device=cfg.device)
+        self.setting = setting = setting or make_setting(cfg.env, cfg.data, cfg.judge, lm, cfg.rounds)
+        if partner is None and cfg.partner:
+            from dat.partners import make_partner
+
+            partner = make_partner(cfg.partner, lm=lm)
+        self.partner = partner
+        self.planner, up = load_policy(lm, cfg.planner, cfg.up_mapping, cfg.action_dim,
+                                       cfg.n_tokens, cfg.seed)
+        self.up = up
+        self.rollout_config = RolloutConfig(
+            batch_size=cfg.batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, noise=cfg.noise, act_norm=cfg.act_norm,
+            position=cfg.position, seed=cfg.seed, terminal_states=cfg.terminal_states)
+        rollout = self.rollout()
+        settings = asdict(cfg)
+        # the layout is the top-level key below (checked with its own message; buffers written
+        # before the option have no such setting)
+        del settings["terminal_states"]
+        meta = {
+            "kind": "corpus" if up is None else "exploration",
+            "settings": settings,
+            "env": setting.name,
+            "model": lm.name,
+            "hidden_size": lm.hidden_size,
+            "action_dim": rollout.action_dim,
+            "n_tokens": up.config.n_tokens if up is not None else 0,
+            "position": rollout.position,
+            "act_norm": rollout.act_norm,
+            "rounds": rollout.rounds,
+            "reward_timing": setting.reward_timing,
+            "split": cfg.split,
+            "scenario_ids": sorted({s.id for s in setting.scenarios(cfg.split)}),
+            "terminal_states": cfg.terminal_states,
+        }
+        self.writer = BufferWriter(cfg.out, meta, volatile=VOLATILE)
+        self.generated_tokens = 0
+
+    def rollout(self) -> Rollout:
+        return Rollout(self.lm, self.setting, partner=self.partner, planner=self.planner,
+                       up_mapping=self.up, config=self.rollout_config)
+
+    def pending(self, episode_ids=None) -> list:
+        """The jobs of ``episode_ids`` (default: ``0 .. episodes - 1``) that are not in the
+        folder yet, in id order. Shards written by other writers since the last call count."""
+        done = self.writer.refresh()
+        wanted = set(range(self.cfg.episodes)) if episode_ids is None else set(map(int, episode_ids))
+        # episode i always gets the same scenario, whatever the number of episodes
+        jobs = episode_jobs(self.setting, max(wanted, default=-1) + 1, self.cfg.split, self.cfg.seed)
+        return [j for j in jobs if j[0] in wanted and j[0] not in done]
+
+    def run(self, jobs, on_done=None, rollout: Rollout | None = None) -> dict:
+        """Collect ``jobs`` into the buffer (a shard per group of finished episodes);
+        ``on_done(finished, stats)`` after each shard. Returns the stats of this call."""
+        stats = {"episodes": 0, "reward_sum": 0.0, "rewarded": 0, "failed": 0,
+                 "generated_tokens": 0, "episode_ids": []}
+        rollout = rollout or self.rollout()
+
+        def done(finished: list[RolloutEpisode]) -> None:
+            self.writer.write([to_record(r) for r in finished])
+            for r in finished:
+                stats["episodes"] += 1
+                stats["episode_ids"].append(r.episode.episode_id)
+                if r.judge_failed:
+                    stats["failed"] += 1
+                else:
+                    stats["reward_sum"] += r.total_reward
+                    stats["rewarded"] += 1
+            stats["generated_tokens"] = rollout.generated_tokens
+            if on_done is not None:
+                on_done(finished, stats)
+
+        before = rollout.generated_tokens
+        if jobs:
+            rollout.run(jobs, on_done=done)
+        stats["generated_tokens"] = rollout.generated_tokens - before
+        self.generated_tokens += stats["generated_tokens"]
+        return stats
+
+
 def collect(cfg: CollectConfig, lm=None, setting=None, partner=None) -> dict:
     """Run the collection described by ``cfg``; returns a summary dict."""
-    from dat import SteeredLM
-
-    if cfg.episodes < 1 or cfg.batch_size < 1:
-        raise DatError("--episodes and --batch-size must be at least 1.")
-    lm = lm or SteeredLM.from_pretrained(cfg.model, device=cfg.device)
-    setting = setting or make_setting(cfg.env, cfg.data, cfg.judge, lm, cfg.rounds)
-    if partner is None and cfg.partner:
-        from dat.partners import make_partner
-
-        partner = make_partner(cfg.partner, lm=lm)
-    planner, up = load_policy(lm, cfg.planner, cfg.up_mapping, cfg.action_dim, cfg.n_tokens, cfg.seed)
-    rcfg = RolloutConfig(batch_size=cfg.batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, noise=cfg.noise, act_norm=cfg.act_norm,
-                         position=cfg.position, seed=cfg.seed,
-                         terminal_states=cfg.terminal_states)
-    rollout = Rollout(lm, setting, partner=partner, planner=planner, up_mapping=up, config=rcfg)
-    settings = asdict(cfg)
-    # the layout is the top-level key below (checked with its own message; buffers written
-    # before the option have no such setting)
-    del settings["terminal_states"]
-    meta = {
-        "kind": "corpus" if up is None else "exploration",
-        "settings": settings,
-        "env": setting.name,
-        "model": lm.name,
-        "hidden_size": lm.hidden_size,
-        "action_dim": rollout.action_dim,
-        "n_tokens": up.config.n_tokens if up is not None else 0,
-        "position": rollout.position,
-        "act_norm": rollout.act_norm,
-        "rounds": rollout.rounds,
-        "reward_timing": setting.reward_timing,
-        "split": cfg.split,
-        "scenario_ids": sorted({s.id for s in setting.scenarios(cfg.split)}),
-        "terminal_states": cfg.terminal_states,
-    }
-    writer = BufferWriter(cfg.out, meta, volatile=VOLATILE)
-    done_ids = writer.completed_episode_ids()
-    jobs = [j for j in episode_jobs(setting, cfg.episodes, cfg.split, cfg.seed) if j[0] not in done_ids]
-    stats = {"episodes": 0, "reward_sum": 0.0, "rewarded": 0, "failed": 0}
+    run = Collector(cfg, lm, setting, partner)
+    done_ids = run.writer.completed_episode_ids()
+    jobs = run.pending()
+    rollout = run.rollout()
     speed = Throughput()
 
     with Progress(TextColumn("[bold]collect"), BarColumn(), MofNCompleteColumn(),
@@ -154,22 +217,13 @@ def collect(cfg: CollectConfig, lm=None, setting=None, partner=None) -> dict:
                   disable=not cfg.progress) as bar:
         task = bar.add_task("collect", total=cfg.episodes, completed=cfg.episodes - len(jobs), info="")
 
-        def on_done(finished: list[RolloutEpisode]) -> None:
-            writer.write([to_record(r) for r in finished])
-            for r in finished:
-                stats["episodes"] += 1
-                if r.judge_failed:
-                    stats["failed"] += 1
-                else:
-                    stats["reward_sum"] += r.total_reward
-                    stats["rewarded"] += 1
+        def on_done(finished: list[RolloutEpisode], stats: dict) -> None:
             mean = stats["reward_sum"] / max(stats["rewarded"], 1)
             bar.update(task, advance=len(finished),
                        info=f"{speed.rate(rollout.generated_tokens):.0f} tok/s  mean reward {mean:.3f}"
                             + (f"  judge failed {stats['failed']}" if stats["failed"] else ""))
 
-        if jobs:
-            rollout.run(jobs, on_done=on_done)
+        stats = run.run(jobs, on_done=on_done, rollout=rollout)
     return {
         "out": str(Path(cfg.out)),
         "episodes_run": stats["episodes"],

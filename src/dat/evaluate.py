@@ -718,7 +718,8 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
              config: RolloutConfig | None = None, out_dir: str | os.PathLike | None = None,
              partner=None, baseline: str | None = "auto", n_bootstrap: int = 10_000,
              level: float = 0.95, samples: int = 8, compute_perplexity: bool = True,
-             split_check: bool = True, resume: bool = True, plots: bool = True) -> dict:
+             split_check: bool = True, resume: bool = True, plots: bool = True,
+             runner=None) -> dict:
     """Run every agent on the same ``episodes`` of ``split`` and compare them.
 
     ``agents``: name -> :class:`AgentSpec` (a planner folder path or None are accepted too:
@@ -739,6 +740,11 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
     agent whose ``episodes/<agent>.jsonl`` was written for the same setting, split,
     episodes, rollout config, model and weights is not run again.
 
+    ``runner``: who runs each agent's episodes; ``runner(name, spec, config, jobs)`` returns
+    its finished episodes. Default: a :class:`~dat.rollout.Rollout` on ``lm`` in this
+    process; ``RayPool.eval_runner(...)`` (:mod:`dat.distributed`) spreads them over Ray
+    workers (``dat eval --ray``), with the same results (greedy decoding).
+
     Returns the results (the content of ``results.json``)."""
     if isinstance(setting, str):
         from dat import envs
@@ -746,6 +752,8 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
         setting = envs.make(setting)
     if not agents:
         raise DatError("evaluate: no agents given.")
+    if runner is not None and partner is not None:
+        raise DatError("evaluate: a runner plays the partner with its own model; pass partner=None.")
     specs = {str(k): _as_spec(str(k), v) for k, v in agents.items()}
     slugs = {k: _slug(k) for k in specs}
     if len(set(slugs.values())) != len(slugs):
@@ -792,10 +800,14 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
             runs[name] = got
             timing[name] = {"seconds": None, "from_cache": True}
             continue
-        planner, up = spec.load(lm)
         log.info("%s (%s): running %d episodes", name, spec.kind, len(jobs))
-        rollout = Rollout(lm, setting, partner=partner, planner=planner, up_mapping=up, config=acfg)
-        result = sorted(rollout.run(jobs), key=lambda r: r.episode.episode_id)
+        if runner is not None:
+            result = sorted(runner(name, spec, acfg, jobs), key=lambda r: r.episode.episode_id)
+        else:
+            planner, up = spec.load(lm)
+            rollout = Rollout(lm, setting, partner=partner, planner=planner, up_mapping=up,
+                              config=acfg)
+            result = sorted(rollout.run(jobs), key=lambda r: r.episode.episode_id)
         seconds = time.perf_counter() - t0
         runs[name] = result
         timing[name] = {"seconds": round(seconds, 3), "from_cache": False}

@@ -30,6 +30,7 @@ class QuickstartConfig:
     out: str = "runs/quickstart"
     model: str = "default"
     device: str = "auto"
+    backend: str = "hf"  # generation backend: hf | vllm (see dat.backends)
     rounds: int = 3
     max_new_tokens: int = 32
     batch_size: int = 32
@@ -59,7 +60,7 @@ class QuickstartConfig:
 
 
 def quickstart(cfg: QuickstartConfig) -> dict:
-    from dat import SteeredLM
+    from dat.backends import check_backend, make_lm
     from dat.clone import CloneConfig, clone
     from dat.collect import CollectConfig, collect, make_setting
     from dat.evaluate import AgentSpec, evaluate, format_table
@@ -69,6 +70,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
 
     if cfg.tiny:
         cfg.shrink()
+    check_backend(cfg.backend)
     if cfg.up_mapping not in ("pca", "learned"):
         raise DatError(f"up_mapping must be 'pca' or 'learned', got {cfg.up_mapping!r}")
     out = Path(cfg.out)
@@ -84,7 +86,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     def done(name: str):
         times[name] = time.perf_counter() - times[name]
 
-    lm = SteeredLM.from_pretrained(cfg.model, device=cfg.device)
+    lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device)
     setting = make_setting("taboo", None, None, lm, cfg.rounds)
     common = dict(model=cfg.model, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)

@@ -61,8 +61,12 @@ class ServeConfig:
     dtype: str = "auto"
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     log_level: str = "info"
+    backend: str = "hf"  # generation backend: hf | vllm (see dat.backends)
 
     def validate(self) -> None:
+        from dat.backends import check_backend
+
+        check_backend(self.backend)
         if self.max_batch < 1:
             raise DatError(f"max_batch must be >= 1, got {self.max_batch}.")
         if self.max_wait_ms < 0:
@@ -338,11 +342,11 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = "default", planner: str | None = None, device: str = "auto",
-             dtype: str = "auto") -> "Engine":
+             dtype: str = "auto", backend: str = "hf") -> "Engine":
+        from dat.backends import make_lm
         from dat.planner import load_agent
-        from dat.steer import SteeredLM
 
-        lm = SteeredLM.from_pretrained(model, device=device, dtype=dtype)
+        lm = make_lm(model, backend=backend, device=device, dtype=dtype)
         if planner is None:
             return cls(lm)
         p, up = load_agent(planner, lm, device=lm.device)
@@ -766,6 +770,7 @@ def serve_command(
     dtype: str = "auto",
     threads: int | None = None,
     log_level: str = "info",
+    backend: str = "hf",
 ) -> None:
     """Load the model (and planner) and serve it until interrupted.
 
@@ -776,7 +781,8 @@ def serve_command(
     require("fastapi", install="pip install 'dat[serve]'", purpose="dat serve")
     uvicorn = require("uvicorn", install="pip install 'dat[serve]'", purpose="dat serve")
     config = ServeConfig(model, planner, host, port, api_key_env, max_batch, max_wait_ms,
-                         served_model_name, default_max_tokens, device, dtype, threads, log_level)
+                         served_model_name, default_max_tokens, device, dtype, threads, log_level,
+                         backend)
     config.validate()
     api_key = read_api_key(api_key_env)  # fail before loading the model
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -788,7 +794,7 @@ def serve_command(
         import torch
 
         torch.set_num_threads(threads)
-    engine = Engine.load(model, planner, device=device, dtype=dtype)
+    engine = Engine.load(model, planner, device=device, dtype=dtype, backend=backend)
     log.info("model %s on %s, planner %s, serving %s", engine.lm.name, engine.lm.device,
              engine.planner_path or "none (plain)", served_model_name)
     app = create_app(engine, config, api_key)
