@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report, timed
 
 TOPICS = ["cooking", "the weather", "football", "space travel", "gardening", "music",
           "old movies", "mountain hiking"]
@@ -58,23 +59,12 @@ def actions(lm, n: int, seed: int):
     return up(normalize_action(torch.randn(n, 64, generator=torch.Generator().manual_seed(seed)), 1.0))
 
 
-def timed(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def main(n: int = 32, new_tokens: int = 48, repeats: int = 2, vllm_states: bool = False,
          eager: bool = True) -> dict | None:
     if importlib.util.find_spec("vllm") is None:
         print("bench_vllm: vLLM is not installed here; run `make bench-vllm` (CPU) or install "
               "'dat[vllm]' (GPU). Skipped.")
         return None
-    from common import report
-
     from dat import SteeredLM
     from dat.backends.vllm_lm import VLLMSteeredLM
 

@@ -66,6 +66,22 @@ def test_noise_is_per_episode_and_seeded(default_lm, taboo):
     assert not torch.allclose(a[0], a[1])
 
 
+def test_explore_directions_are_held_per_episode_and_shared_mod_k(tiny_lm, taboo):
+    up = UpMapping.from_embedding_pca(tiny_lm, 8, 2)
+    cfg = RolloutConfig(batch_size=3, rounds=2, max_new_tokens=3, seed=7, explore_directions=2)
+    jobs = episode_jobs(taboo, 5, "train")
+    a = {e.episode.episode_id: e.actions for e in Rollout(tiny_lm, taboo, up_mapping=up, config=cfg).run(jobs)}
+    for i in range(5):  # one direction for all steps of an episode, of norm act_norm
+        assert torch.equal(a[i][0], a[i][1])
+        assert a[i][0].norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(a[0], a[2]) and torch.equal(a[0], a[4]) and torch.equal(a[1], a[3])
+    assert not torch.allclose(a[0], a[1])
+    # without it, every step draws a fresh direction
+    fresh = next(iter(Rollout(tiny_lm, taboo, up_mapping=up, config=RolloutConfig(
+        batch_size=3, rounds=2, max_new_tokens=3, seed=7)).run(jobs[:1]))).actions
+    assert not torch.allclose(fresh[0], fresh[1])
+
+
 @pytest.mark.parametrize("steered", [False, True])
 def test_prefix_cache_equals_full_reencoding(default_lm, taboo, steered):
     """Keeping KV caches across turns gives the same episodes as re-encoding every prompt."""

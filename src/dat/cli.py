@@ -13,8 +13,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "dat[vllm]" must not read as markup
 )
 console = Console()
+
+# options shared by several commands
+BACKEND_OPTION = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
+                              "(pip install 'dat[vllm]'; see docs/scaling.md).")
+NUM_WORKERS_OPTION = typer.Option(None, help="Ray workers (default: one per GPU; CPU-only: one "
+                                  "per 2 CPUs).")
+ADDRESS_OPTION = typer.Option(None, help="Join this Ray cluster ('auto', host:port); default: a "
+                              "local Ray instance.")
 
 DEMO_DIALOGUES = [
     [{"role": "system", "content": "You are a friendly assistant."},
@@ -137,6 +146,9 @@ def collect(
     planner: str = typer.Option(None, help="Planner folder (from dat clone / dat train)."),
     up_mapping: str = typer.Option(None, help="'pca' or an up-mapping folder (default: the planner's)."),
     noise: float = typer.Option(0.0, help="Exploration noise sigma around planner(s)."),
+    explore_directions: int = typer.Option(
+        0, help="K > 0: draw K noise directions and give episode e direction e mod K for all "
+                "its turns (each direction is tried on many scenarios); 0: fresh noise per turn."),
     episodes: int = typer.Option(64, help="Number of episodes."),
     batch_size: int = typer.Option(32, help="Episodes run in lock-step."),
     rounds: int = typer.Option(None, help="Rounds per episode (default: the setting's)."),
@@ -146,25 +158,23 @@ def collect(
     seed: int = typer.Option(0, help="Seed of the scenario order, noise and sampling."),
     act_norm: float = typer.Option(None, help="Action norm (default: the planner's)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
-    backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
-                                "(pip install 'dat[vllm]'; see docs/scaling.md)."),
+    backend: str = BACKEND_OPTION,
     terminal_states: bool = typer.Option(
         False, "--terminal-states/--no-terminal-states",
         help="Also store each episode's final state s_T (not needed by TD3+BC; older buffers "
              "have it, so resuming one needs --terminal-states)."),
     use_ray: bool = typer.Option(False, "--ray", help="Spread the episodes over Ray workers "
                                  "(pip install 'dat[ray]'); same buffer content."),
-    num_workers: int = typer.Option(None, help="Ray workers (default: one per GPU; CPU-only: one "
-                                    "per 2 CPUs)."),
-    address: str = typer.Option(None, help="Join this Ray cluster ('auto', host:port); default: "
-                                "a local Ray instance."),
+    num_workers: int = NUM_WORKERS_OPTION,
+    address: str = ADDRESS_OPTION,
 ) -> None:
     """Run episodes and store them as an offline buffer (Parquet shards, resumable)."""
     from dat.collect import CollectConfig, collect as run_collect
 
     cfg = CollectConfig(out=out, env=env, data=data, model=model, partner=partner, judge=judge,
                         planner=planner, up_mapping=up_mapping, noise=noise, episodes=episodes,
-                        batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
+                        explore_directions=explore_directions, batch_size=batch_size,
+                        rounds=rounds, max_new_tokens=max_new_tokens,
                         temperature=temperature, split=split, seed=seed, act_norm=act_norm,
                         device=device, terminal_states=terminal_states)
     if use_ray or num_workers or address:
@@ -296,14 +306,11 @@ def eval_cmd(
     split: str = typer.Option("test"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
-    backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
-                                "(pip install 'dat[vllm]'; see docs/scaling.md)."),
+    backend: str = BACKEND_OPTION,
     use_ray: bool = typer.Option(False, "--ray", help="Run the episodes on Ray workers "
                                  "(pip install 'dat[ray]'); same results."),
-    num_workers: int = typer.Option(None, help="Ray workers (default: one per GPU; CPU-only: one "
-                                    "per 2 CPUs)."),
-    address: str = typer.Option(None, help="Join this Ray cluster ('auto', host:port); default: "
-                                "a local Ray instance."),
+    num_workers: int = NUM_WORKERS_OPTION,
+    address: str = ADDRESS_OPTION,
 ) -> None:
     """Compare agents on held-out scenarios: rewards with CIs, paired differences, language quality."""
     from dat.collect import make_setting
@@ -344,17 +351,19 @@ def eval_cmd(
 def quickstart(
     out: str = typer.Option("runs/quickstart", help="Folder for every step's output and the report."),
     tiny: bool = typer.Option(False, help="A few episodes: the whole pipeline in minutes."),
+    start: str = typer.Option("pca", help="Where RL starts: pca (random directions through the "
+                              "PCA up-mapping, planner from scratch) | self-clone (noise around "
+                              "the self-clone). See docs/quickstart.md."),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
-    backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
-                                "(pip install 'dat[vllm]'; see docs/scaling.md)."),
+    backend: str = BACKEND_OPTION,
 ) -> None:
     """The whole pipeline on the default model and `taboo`: corpus, self-clone, exploration,
     TD3+BC, evaluation on held-out topics. Re-running resumes."""
     from dat.quickstart import QuickstartConfig, quickstart as run_quickstart
 
-    _run(lambda: run_quickstart(QuickstartConfig(out=out, tiny=tiny, device=device, seed=seed,
-                                                 backend=backend)))
+    _run(lambda: run_quickstart(QuickstartConfig(out=out, tiny=tiny, start=start, device=device,
+                                                 seed=seed, backend=backend)))
 
 
 def main() -> None:  # pragma: no cover

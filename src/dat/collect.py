@@ -48,6 +48,7 @@ class CollectConfig:
     act_norm: float | None = None
     position: str | None = None
     noise: float = 0.0
+    explore_directions: int = 0  # K > 0: K noise draws, each held for whole episodes (rollout doc)
     episodes: int = 64
     batch_size: int = 32
     rounds: int | None = None
@@ -137,6 +138,7 @@ class Collector:
         self.rollout_config = RolloutConfig(
             batch_size=cfg.batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, noise=cfg.noise, act_norm=cfg.act_norm,
+            explore_directions=cfg.explore_directions,
             position=cfg.position, seed=cfg.seed, terminal_states=cfg.terminal_states)
         rollout = self.rollout()
         settings = asdict(cfg)

@@ -1,9 +1,12 @@
 """``dat quickstart``: the whole DAT pipeline on the embedded default model and ``taboo``.
 
 1. collect an unsteered corpus on the train topics;
-2. self-clone it (planner + learned up-mapping), with the PCA up-mapping measured beside it;
-3. collect an exploration buffer around the chosen starting planner (Gaussian noise);
-4. train the planner with TD3+BC;
+2. self-clone it (planner + learned up-mapping; a baseline, and the starting agent with
+   ``start="self-clone"``);
+3. collect an exploration buffer: by default ``explore_directions`` random directions through
+   the PCA up-mapping, each held for whole episodes and tried on many topics
+   (``start="pca"``); or Gaussian noise around the self-clone (``start="self-clone"``);
+4. train the planner with TD3+BC (from scratch on the PCA up-mapping, or from the self-clone);
 5. evaluate unsteered vs self-clone vs DAT on the held-out test topics (paired).
 
 Every step writes into its own sub-folder of ``--out`` and resumes when run again, so an
@@ -34,16 +37,19 @@ class QuickstartConfig:
     rounds: int = 3
     max_new_tokens: int = 32
     batch_size: int = 32
-    corpus_episodes: int = 192
-    explore_episodes: int = 512
+    eval_batch_size: int = 64  # all 57 test topics in one lock-step batch
+    corpus_episodes: int = 64
+    explore_episodes: int = 256
+    explore_directions: int = 16  # start="pca": K held directions, each on explore_episodes / K topics
     eval_episodes: int | None = None  # None: one per held-out test topic
     action_dim: int = 64
     n_tokens: int = 2
     position: str = "prefix"
     act_norm: float = 1.0
-    noise: float = 0.5  # exploration sigma around the starting planner's action
-    up_mapping: str = "pca"  # "pca" | "learned" (self-clone's) — see docs/quickstart.md
-    clone_epochs: int = 2
+    noise: float = 0.5  # start="self-clone": exploration sigma around the self-clone's action
+    start: str = "pca"  # "pca" (from scratch) | "self-clone" — see docs/quickstart.md
+    clone_epochs: int = 1
+    clone_examples: int = 128  # utterances the self-clone trains on (a seeded subset)
     clone_lr: float = 3e-4
     td3bc: dict = field(default_factory=lambda: {"alpha": 2.5, "epochs": 30, "actor_lr": 3e-4,
                                                  "critic_lr": 3e-4, "batch_size": 256})
@@ -54,7 +60,8 @@ class QuickstartConfig:
         """A few episodes and tokens: the pipeline end to end in minutes (for tests)."""
         self.rounds, self.max_new_tokens, self.batch_size = 1, 8, 4
         self.corpus_episodes, self.explore_episodes, self.eval_episodes = 6, 8, 4
-        self.action_dim, self.clone_epochs = 16, 1
+        self.eval_batch_size, self.explore_directions = 4, 4
+        self.action_dim, self.clone_epochs, self.clone_examples = 16, 1, 16
         self.td3bc = {**self.td3bc, "epochs": 2, "batch_size": 4}
         return self
 
@@ -64,15 +71,15 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     from dat.clone import CloneConfig, clone
     from dat.collect import CollectConfig, collect, make_setting
     from dat.evaluate import AgentSpec, evaluate, format_table
-    from dat.planner import Planner, UpMapping, save_agent
+    from dat.planner import UpMapping
     from dat.rollout import RolloutConfig
     from dat.td3bc import TD3BCConfig, train_from_buffer
 
     if cfg.tiny:
         cfg.shrink()
     check_backend(cfg.backend)
-    if cfg.up_mapping not in ("pca", "learned"):
-        raise DatError(f"up_mapping must be 'pca' or 'learned', got {cfg.up_mapping!r}")
+    if cfg.start not in ("pca", "self-clone"):
+        raise DatError(f"start must be 'pca' or 'self-clone', got {cfg.start!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quickstart.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -100,39 +107,44 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     clone_dir = out / "self-clone"
     ccfg = CloneConfig(action_dim=cfg.action_dim, n_tokens=cfg.n_tokens, position=cfg.position,
                        act_norm=cfg.act_norm, epochs=cfg.clone_epochs, lr=cfg.clone_lr, seed=cfg.seed,
-                       fidelity_generate=8 if cfg.tiny else 32)
+                       max_examples=cfg.clone_examples, fidelity_examples=64,
+                       fidelity_generate=8 if cfg.tiny else 16,
+                       fidelity_max_new_tokens=cfg.max_new_tokens, fidelity_reference=False)
     cloned = clone(lm, corpus, clone_dir, ccfg)
     done("2. self-clone")
 
-    # The starting agent of RL: the self-clone's planner with its learned up-mapping, or the
-    # same planner through the PCA up-mapping (see docs/quickstart.md for the measurements).
-    start_dir = clone_dir
-    if cfg.up_mapping == "pca":
-        start_dir = out / "start-pca"
-        pca = UpMapping.from_embedding_pca(lm, cfg.action_dim, cfg.n_tokens, act_norm=cfg.act_norm,
-                                           seed=cfg.seed)
-        planner = Planner.from_pretrained(clone_dir, hidden_size=lm.hidden_size)
-        save_agent(start_dir, planner, pca)
-
     step("3. exploration buffer")
     explore = out / "explore"
-    collect(CollectConfig(out=str(explore), episodes=cfg.explore_episodes, planner=str(start_dir),
-                          noise=cfg.noise, **common), lm=lm, setting=setting)
+    if cfg.start == "pca":  # random directions through the PCA up-mapping, no planner
+        policy = {"up_mapping": "pca", "explore_directions": cfg.explore_directions,
+                  "action_dim": cfg.action_dim, "n_tokens": cfg.n_tokens,
+                  "act_norm": cfg.act_norm, "position": cfg.position}
+    else:  # Gaussian noise around the self-clone's actions
+        policy = {"planner": str(clone_dir), "noise": cfg.noise}
+    collect(CollectConfig(out=str(explore), episodes=cfg.explore_episodes, **policy, **common),
+            lm=lm, setting=setting)
     done("3. exploration buffer")
 
     step("4. TD3+BC")
     dat_dir = out / "dat"
-    tcfg = TD3BCConfig(**{**cfg.td3bc, "seed": cfg.seed, "log_dir": str(dat_dir / "logs")})
-    from dat.planner import load_agent
+    tcfg = TD3BCConfig(**{**cfg.td3bc, "seed": cfg.seed, "log_dir": str(dat_dir / "logs"),
+                          "act_norm": cfg.act_norm, "position": cfg.position})
+    if cfg.start == "pca":
+        init = None
+        up = UpMapping.from_embedding_pca(lm, cfg.action_dim, cfg.n_tokens, act_norm=cfg.act_norm,
+                                          seed=cfg.seed)
+    else:
+        from dat.planner import load_agent
 
-    _, up = load_agent(start_dir, lm=lm)
-    train_from_buffer(explore, dat_dir, tcfg, init=str(start_dir), up_mapping=up)
+        init = str(clone_dir)
+        _, up = load_agent(clone_dir, lm=lm)
+    train_from_buffer(explore, dat_dir, tcfg, init=init, up_mapping=up)
     done("4. TD3+BC")
 
     step("5. evaluation on held-out test topics")
     agents = {"unsteered": AgentSpec(), "self-clone": AgentSpec.from_dir(clone_dir),
               "DAT": AgentSpec.from_dir(dat_dir)}
-    rcfg = RolloutConfig(batch_size=cfg.batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
+    rcfg = RolloutConfig(batch_size=cfg.eval_batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
                          seed=cfg.seed)
     results = evaluate(lm, setting, agents, cfg.eval_episodes, split="test", seed=cfg.seed,
                        config=rcfg, out_dir=out / "report")

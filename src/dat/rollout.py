@@ -13,7 +13,10 @@ Actions for each steered turn:
 * an up-mapping but no planner: a random direction of norm ``act_norm``.
 
 The noise ``eps`` of episode ``e`` at step ``t`` is drawn from a generator seeded by
-``(seed, e, t)``, so actions do not depend on how episodes were batched.
+``(seed, e, t)``, so actions do not depend on how episodes were batched. With
+``explore_directions = K > 0`` it is instead one of ``K`` fixed draws, ``e mod K``, held for
+the whole episode: each direction is then tried on many scenarios, which lets a critic
+trained on a small buffer tell good directions from bad ones.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class RolloutConfig:
     partner_temperature: float | None = None  # None: same as the steered agent
     top_p: float = 1.0
     noise: float = 0.0  # sigma of the Gaussian exploration noise around planner(s)
+    explore_directions: int = 0  # K > 0: episode e holds noise draw (e mod K) for all its steps
     act_norm: float | None = None  # None: the planner's (or up-mapping's) own
     position: str | None = None  # None: the planner's own, else "prefix"
     seed: int = 0
@@ -151,6 +155,8 @@ class Rollout:
         return a
 
     def _noise(self, episode_id: int, step: int) -> torch.Tensor:
+        if self.cfg.explore_directions > 0:
+            episode_id, step = episode_id % self.cfg.explore_directions, -1
         g = torch.Generator().manual_seed(((self.cfg.seed * 1_000_003 + episode_id) * 1_000_003 + step) % 2**63)
         return torch.randn(self.action_dim, generator=g)
 
