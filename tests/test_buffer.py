@@ -483,3 +483,20 @@ def test_mixing_layouts_is_a_clear_error(tmp_path):
                                                      [], [])])
     with pytest.raises(DatError, match="terminal_states' must be True or False"):
         BufferWriter(tmp_path / "x", {**META, "terminal_states": "yes"})
+
+
+def test_a_moved_collect_folder_resumes(tmp_path):
+    """`dat collect` records its --out; a buffer folder moved elsewhere still resumes there."""
+    import shutil
+
+    from dat.collect import VOLATILE
+
+    meta = {**META, "settings": {"noise": 0.25, "episodes": 8, "out": str(tmp_path / "a")}}
+    BufferWriter(tmp_path / "a", meta, volatile=VOLATILE).write([make_record(0)])
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = {**meta, "settings": {**meta["settings"], "out": str(tmp_path / "b")}}
+    w = BufferWriter(tmp_path / "b", moved, volatile=VOLATILE)
+    assert w.completed_episode_ids() == {0}
+    with pytest.raises(DatError, match="settings.noise"):  # real setting changes still refuse
+        BufferWriter(tmp_path / "b", {**moved, "settings": {**moved["settings"], "noise": 0.5}},
+                     volatile=VOLATILE)

@@ -29,8 +29,9 @@ from dat.buffer import BufferWriter, EpisodeRecord
 from dat.errors import DatError
 from dat.rollout import Rollout, RolloutConfig, RolloutEpisode, Throughput, episode_jobs
 
-# Keys of the settings that may differ when a run is resumed.
-VOLATILE = ("settings.episodes", "settings.batch_size", "settings.device", "settings.progress")
+# Keys of the settings that may differ when a run is resumed (the folder itself may be moved).
+VOLATILE = ("settings.out", "settings.episodes", "settings.batch_size", "settings.device",
+            "settings.progress")
 
 
 @dataclass
