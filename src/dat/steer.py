@@ -503,14 +503,20 @@ class SteeredLM:
         batch.attention_mask = mask  # now covering the fed decoding steps too
         tokens = torch.stack(steps, dim=1).tolist()
         batch.tokens = tokens
-        stop_set = set() if ignore_eos else set(self.eos_token_ids)
-        new, stopped = [], []
-        for i, row in enumerate(tokens):
-            row = row if cut[i] is None else row[:cut[i]]
-            end = next((k for k, t in enumerate(row) if t in stop_set), None)
-            new.append(row if end is None else row[:end])
-            stopped.append(end is not None)
-        return new, stopped
+        return trim_replies(tokens, cut, set() if ignore_eos else set(self.eos_token_ids))
+
+
+def trim_replies(rows: list[list[int]], cut: list[int | None], stop_set: set[int]
+                 ) -> tuple[list[list[int]], list[bool]]:
+    """Each decoded row cut at ``cut[i]`` tokens (rows finished by ``on_step``) and before its
+    first stop token; also whether a stop token ended it. Shared by every backend's decoder."""
+    new, stopped = [], []
+    for row, c in zip(rows, cut):
+        row = row if c is None else row[:c]
+        end = next((k for k, t in enumerate(row) if t in stop_set), None)
+        new.append(row if end is None else row[:end])
+        stopped.append(end is not None)
+    return new, stopped
 
 
 @dataclass

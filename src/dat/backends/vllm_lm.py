@@ -27,7 +27,7 @@ import torch
 from dat.backends import check_prompt_embeds, require_vllm
 from dat.errors import DatError
 from dat.models import load_model, resolve_source
-from dat.steer import SteeredLM, StepLogprobs, _Batch
+from dat.steer import SteeredLM, StepLogprobs, _Batch, trim_replies
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +162,7 @@ class VLLMSteeredLM(SteeredLM):
             if all(ended):
                 break
         batch.tokens = tokens
-        new, stopped = [], []
-        for i, row in enumerate(rows):
-            row = row if cut[i] is None else row[:cut[i]]
-            end = next((k for k, t in enumerate(row) if t in stop_set), None)
-            new.append(row if end is None else row[:end])
-            stopped.append(end is not None)
-        return new, stopped
+        return trim_replies(rows, cut, stop_set)
 
 
 def _step_logprobs(row_lps: list, chosen: list[int], step: int, k: int) -> StepLogprobs:
