@@ -79,6 +79,6 @@ def test_bad_env_and_missing_data(tmp_path):
     assert p.returncode == 2 and "unknown setting" in p.stdout
 
 
-@pytest.mark.parametrize("cmd", ["info", "generate", "collect"])
+@pytest.mark.parametrize("cmd", ["info", "generate", "collect", "directions"])
 def test_help(cmd):
     assert "Usage" in dat(cmd, "--help").stdout

@@ -348,6 +348,38 @@ def eval_cmd(
 
 
 @app.command()
+def directions(
+    buffer: str = typer.Argument(..., help="Buffer folder from `dat collect --explore-directions K`."),
+    baseline: str = typer.Option(None, help="Unsteered buffer on the same scenarios: effects "
+                                 "are paired differences (recommended)."),
+    compare: str = typer.Option(None, help="A second held-direction buffer (e.g. test topics, "
+                                "same K and seed): prints how well effects transfer."),
+    compare_baseline: str = typer.Option(None, help="Unsteered buffer for --compare."),
+    k: int = typer.Option(None, help="Directions (default: the buffer's --explore-directions)."),
+    json_out: str = typer.Option(None, "--json", help="Also write the numbers to this file."),
+) -> None:
+    """Per-direction reward effects of a held-direction buffer and whether they are real
+    (split-half reliability, transfer to other topics). See docs/quickstart.md."""
+    import json
+
+    from dat.directions import format_study, study, transfer
+
+    def go():
+        res = {"buffer": study(buffer, baseline, k)}
+        print(format_study(res["buffer"]))
+        if compare:
+            res["compare"] = study(compare, compare_baseline, k)
+            res["transfer_r"] = transfer(res["buffer"], res["compare"])
+            print(format_study(res["compare"]))
+            print(f"transfer: correlation of direction effects between the two buffers "
+                  f"r = {res['transfer_r']:.2f}")
+        if json_out:
+            Path(json_out).write_text(json.dumps(res, indent=2) + "\n")
+
+    _run(go)
+
+
+@app.command()
 def quickstart(
     out: str = typer.Option("runs/quickstart", help="Folder for every step's output and the report."),
     tiny: bool = typer.Option(False, help="A few episodes: the whole pipeline in minutes."),
