@@ -93,6 +93,14 @@ def test_cli_on_real_buffers(tmp_path, tiny_lm):
     for d in range(3):  # by hand: mean over the direction's episodes of reward - baseline
         want = np.mean([v - base[s] for e, (s, v) in totals(tmp_path / "dirs").items() if e % 3 == d])
         assert res["directions"][str(d)]["mean"] == pytest.approx(want)
+    # a second buffer (here the same one): effects and their transfer
+    r = CliRunner().invoke(app, ["directions", str(tmp_path / "dirs"), "--baseline", str(tmp_path / "base"),
+                                 "--compare", str(tmp_path / "dirs"), "--compare-baseline",
+                                 str(tmp_path / "base"), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    both = json.loads(out.read_text())
+    assert "transfer:" in r.output and both["compare"]["directions"] == both["buffer"]["directions"]
+    assert both["transfer_r"] is None or both["transfer_r"] == pytest.approx(1.0)
     # a buffer without held directions is a clear error
     r = CliRunner().invoke(app, ["directions", str(tmp_path / "base")])
     assert r.exit_code == 2 and "--explore-directions" in r.output

@@ -363,6 +363,7 @@ def directions(
     import json
 
     from dat.directions import format_study, study, transfer
+    from dat.fileio import finite
 
     def go():
         res = {"buffer": study(buffer, baseline, k)}
@@ -374,7 +375,7 @@ def directions(
             print(f"transfer: correlation of direction effects between the two buffers "
                   f"r = {res['transfer_r']:.2f}")
         if json_out:
-            Path(json_out).write_text(json.dumps(res, indent=2) + "\n")
+            Path(json_out).write_text(json.dumps(finite(res), indent=2) + "\n")
 
     _run(go)
 

@@ -34,7 +34,7 @@ import torch
 
 from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
 from dat.errors import DatError
-from dat.fileio import atomic_write_text
+from dat.fileio import atomic_write_text, finite
 from dat.planner import CONFIG_NAME, UP_MAPPING_DIR, WEIGHTS_NAME, Planner, UpMapping, load_agent
 from dat.rollout import Rollout, RolloutConfig, RolloutEpisode, episode_jobs
 
@@ -843,19 +843,8 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
         from dat.report import write_report
 
         results["files"] = write_report(results, runs, out, samples=samples, plots=plots)
-        atomic_write_text(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
+        atomic_write_text(out / "results.json", json.dumps(finite(results), indent=2) + "\n")
     return results
-
-
-def _finite(x):
-    """NaN/inf -> None, so results.json is strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def format_table(results: dict) -> str:
