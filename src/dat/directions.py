@@ -83,15 +83,15 @@ def direction_effects(episodes: Iterable[tuple[int, str, float]], k: int,
     if len(dirs) < 2:
         raise DatError(f"need episodes of at least 2 directions, got {len(dirs)} "
                        "(were the baseline's scenarios the same as the buffer's?)")
-    means = np.array([np.mean(per[d]) for d in dirs])
-    ses = np.array([np.std(per[d], ddof=1) / math.sqrt(len(per[d])) if len(per[d]) > 1
+    arrays = {d: np.asarray(per[d]) for d in dirs}
+    means = np.array([arrays[d].mean() for d in dirs])
+    ses = np.array([arrays[d].std(ddof=1) / math.sqrt(len(arrays[d])) if len(arrays[d]) > 1
                     else float("nan") for d in dirs])
     rng = np.random.default_rng(seed)
     rs = []
     for _ in range(splits):
         a, b = [], []
-        for d in dirs:
-            v = np.asarray(per[d])
+        for v in arrays.values():
             if len(v) < 2:
                 continue
             p = rng.permutation(len(v))
