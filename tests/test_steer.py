@@ -1,5 +1,7 @@
 """SteeredLM: exact insertion, batch invariance, loss gradients, errors."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -185,3 +187,45 @@ def test_prefix_cache_across_turns(default_lm, dialogues):
             d += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Go on, please."}]
     with pytest.raises(DatError, match="PrefixCache"):
         default_lm.state(dialogues, caches=caches[:1])
+
+
+def test_blockwise_head_gives_the_models_own_logits(default_lm, dialogues):
+    """With 8+ rows the LM head runs in vocabulary blocks on the CPU: bitwise the same logits,
+    so a batch of 9 still decodes exactly like each dialogue alone (1 row: plain head)."""
+    from dat.steer import HEAD_BLOCK_ROWS, head_logits
+
+    head = default_lm.model.get_output_embeddings()
+    hidden = torch.randn(HEAD_BLOCK_ROWS + 1, 1, default_lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    assert head.weight.shape[0] > 8 * 1024
+    assert torch.equal(head_logits(head, hidden), head(hidden))
+    assert default_lm._head_is_blockwise()
+    many = [d[:-1] + [{"role": "user", "content": d[-1]["content"] + f" ({k})"}]
+            for k in range(3) for d in dialogues]
+    assert len(many) >= HEAD_BLOCK_ROWS
+    batch = default_lm.generate(many, max_new_tokens=12)
+    assert [default_lm.generate([d], max_new_tokens=12)[0] for d in many] == batch
+
+
+def test_head_post_processing_keeps_the_models_forward(tiny_lm, dialogues):
+    """A model that changes its logits after the head is not run blockwise, and generation
+    follows the model's own logits (forcing the blockwise head would change the tokens)."""
+    from transformers import LlamaForCausalLM
+
+    class Flipped(LlamaForCausalLM):  # stands for soft-capping, logit scaling, ...
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits.flip(-1)
+            return out
+
+    Flipped.forward.__signature__ = inspect.signature(LlamaForCausalLM.forward)  # same cache keyword
+
+    model = Flipped(tiny_lm.model.config)
+    model.load_state_dict(tiny_lm.model.state_dict())
+    lm = SteeredLM(model.eval(), tiny_lm.tokenizer, name="flipped")
+    assert not lm._head_is_blockwise() and tiny_lm._head_is_blockwise()
+    many = [d for _ in range(3) for d in dialogues]
+    got = lm.generate_detailed(many, max_new_tokens=6, ignore_eos=True).token_ids
+    lm._blockwise_head = False
+    assert lm.generate_detailed(many, max_new_tokens=6, ignore_eos=True).token_ids == got
+    lm._blockwise_head = True
+    assert lm.generate_detailed(many, max_new_tokens=6, ignore_eos=True).token_ids != got

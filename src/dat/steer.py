@@ -96,6 +96,7 @@ class SteeredLM:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.supports_prefix_cache = supports_slab(model)
+        self._blockwise_head: bool | None = None  # decided on first use, see _next_logits
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -447,6 +448,31 @@ class SteeredLM:
         return tail
 
     # ------------------------------------------------------------------ decoding
+    def _next_logits(self, **inputs) -> torch.Tensor:
+        """Next-token logits ``[B, vocab]`` of the last position of ``inputs``.
+
+        On the CPU the LM head runs blockwise (:func:`head_logits`) when that gives exactly
+        the model's own logits. This is checked once, on a real forward pass, so models that
+        change logits after the head (soft-capping, scaling) keep their own forward."""
+        if self._blockwise_head is None:
+            self._blockwise_head = self._head_is_blockwise()
+        if not self._blockwise_head:
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
+        # [B, 1, H] as the model's own forward slices it: MKL's result can depend on the layout
+        hidden = self._base()(**inputs).last_hidden_state[:, -1:, :]
+        return head_logits(self.model.get_output_embeddings(), hidden)[:, -1, :]
+
+    def _head_is_blockwise(self) -> bool:
+        head = self.model.get_output_embeddings()
+        if self.device.type != "cpu" or type(head) is not torch.nn.Linear:
+            return False
+        vocab = head.weight.shape[0]
+        ids = torch.arange(HEAD_BLOCK_ROWS * 2, device=self.device).reshape(HEAD_BLOCK_ROWS, 2) * 7919 % vocab
+        with torch.no_grad():
+            own = self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :]
+            hidden = self._base()(input_ids=ids).last_hidden_state[:, -1:, :]
+            return torch.equal(own, head_logits(head, hidden)[:, -1, :])
+
     def _decode(self, batch: _Batch, max_new_tokens: int, temperature: float, top_p: float,
                 seed: int | None, *, top_logprobs: int | None = None,
                 on_step: Callable | None = None,
@@ -475,14 +501,13 @@ class SteeredLM:
         cache = batch.cache
         mask = batch.attention_mask
         pos = batch.position_ids[:, -1:]
-        out = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
-                         position_ids=batch.position_ids, use_cache=True, logits_to_keep=1,
-                         **{self._cache_kw: cache})
+        logits = self._next_logits(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
+                                   position_ids=batch.position_ids, use_cache=True,
+                                   **{self._cache_kw: cache})
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         cut: list[int | None] = [None] * B  # rows finished by on_step: number of tokens kept
         steps = []
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1, :]
             nxt = _pick(logits, temperature, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
             steps.append(nxt)
@@ -498,12 +523,26 @@ class SteeredLM:
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             pos = pos + 1
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                             use_cache=True, **{self._cache_kw: cache})
+            logits = self._next_logits(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                       use_cache=True, **{self._cache_kw: cache})
         batch.attention_mask = mask  # now covering the fed decoding steps too
         tokens = torch.stack(steps, dim=1).tolist()
         batch.tokens = tokens
         return trim_replies(tokens, cut, set() if ignore_eos else set(self.eos_token_ids))
+
+
+HEAD_BLOCK, HEAD_BLOCK_ROWS = 1024, 8  # measured on the default model: no gain below 8 rows
+
+
+def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)`` for ``[..., hidden]`` states. With many rows the vocabulary is done in
+    blocks of columns: each logit is the same dot product, but a block's output stays in
+    cache. On a 2-core CPU the default model's head takes 40 instead of 66 ms at 32 rows."""
+    if hidden.shape[:-1].numel() < HEAD_BLOCK_ROWS:
+        return head(hidden)
+    w, b = head.weight, head.bias
+    return torch.cat([F.linear(hidden, w[i:i + HEAD_BLOCK], None if b is None else b[i:i + HEAD_BLOCK])
+                      for i in range(0, w.shape[0], HEAD_BLOCK)], dim=-1)
 
 
 def trim_replies(rows: list[list[int]], cut: list[int | None], stop_set: set[int]
