@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -169,7 +170,8 @@ def collect(
     address: str = ADDRESS_OPTION,
 ) -> None:
     """Run episodes and store them as an offline buffer (Parquet shards, resumable)."""
-    from dat.collect import CollectConfig, collect as run_collect
+    from dat.collect import CollectConfig
+    from dat.collect import collect as run_collect
 
     cfg = CollectConfig(out=out, env=env, data=data, model=model, partner=partner, judge=judge,
                         planner=planner, up_mapping=up_mapping, noise=noise, episodes=episodes,
@@ -393,7 +395,8 @@ def quickstart(
 ) -> None:
     """The whole pipeline on the default model and `taboo`: corpus, self-clone, exploration,
     TD3+BC, evaluation on held-out topics. Re-running resumes."""
-    from dat.quickstart import QuickstartConfig, quickstart as run_quickstart
+    from dat.quickstart import QuickstartConfig
+    from dat.quickstart import quickstart as run_quickstart
 
     _run(lambda: run_quickstart(QuickstartConfig(out=out, tiny=tiny, start=start, device=device,
                                                  seed=seed, backend=backend)))

@@ -50,9 +50,9 @@ NLL ratio below 1 means the clone fits that agent better than the plain model do
 * Held-out examples are whole episodes (never utterances of a training dialogue), chosen by
   a hash of ``(seed, episode_id)``: deterministic, and stable when the corpus grows.
 * **After cloning the up-mapping is frozen**: the returned one has ``requires_grad`` off, it
-  is saved beside the planner (``save_agent``: ``out_dir/up_mapping/``), and the later stages
+  is saved beside the planner (``Agent.save``: ``out_dir/up_mapping/``), and the later stages
   (``dat collect --planner``, ``dat train``, ``dat eval``, ``dat chat``) load it with the
-  planner (``load_agent``) and never train it again; TD3+BC trains the planner only, so the
+  planner (``Agent.load``) and never train it again; TD3+BC trains the planner only, so the
   action space keeps the meaning it got here.
 * An utterance cut by ``max_new_tokens`` during collection still gets the end-of-turn token
   the chat template appends (the corpus does not record whether a turn ended by itself), so
@@ -88,9 +88,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dat.agent import ActionSpace, Agent
 from dat.errors import DatError
 from dat.fileio import atomic_write, atomic_write_text
-from dat.planner import Planner, UpMapping, load_agent, save_agent
+from dat.planner import Planner, UpMapping
 from dat.progress import progress_bar as _progress
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,10 @@ class CloneConfig:
     n_tokens: int = 2
     position: str = "prefix"
     act_norm: float = 1.0
+    action: str = "tokens"  # "tokens" | "residual" (dat.agent.ActionSpace)
+    layer: int = 15  # residual: decoder layer whose output gets the action vector
+    residual_scale: float = 0.15  # residual: initial vector norm / median residual norm
+    residual_positions: str = "reply"  # residual: "reply" | "all"
     # optimisation
     epochs: int = 3
     batch_size: int = 8  # examples per forward/backward pass
@@ -145,6 +150,13 @@ class CloneConfig:
     resume: bool = True  # continue after the last epoch checkpoint in out_dir
     progress: bool = True
 
+    @property
+    def space(self) -> ActionSpace:
+        return ActionSpace(kind=self.action, action_dim=self.action_dim, act_norm=self.act_norm,
+                           n_tokens=self.n_tokens if self.action == "tokens" else 1,
+                           position=self.position, layer=self.layer, scale=self.residual_scale,
+                           residual_positions=self.residual_positions)
+
     def validate(self) -> None:
         def bad(name: str, expected: str) -> DatError:
             return DatError(f"CloneConfig.{name} = {getattr(self, name)!r}: expected {expected}.")
@@ -160,6 +172,7 @@ class CloneConfig:
                 raise bad(name, "an integer >= 0")
         if self.position not in POSITIONS:
             raise bad("position", f"one of {POSITIONS}")
+        self.space.validate()
         for name in ("act_norm", "lr", "up_mapping_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise bad(name, "a finite number > 0")
@@ -410,7 +423,7 @@ def fidelity(lm, planner: Planner, up_mapping: UpMapping, examples: Sequence[Clo
     finally:
         planner.train(planner_was)
         up_mapping.train(up_was)
-    position = planner.config.position
+    position = Agent(up_mapping, planner).position
 
     def steered(lo: int, hi: int):
         return emb[lo:hi], position
@@ -444,15 +457,16 @@ def fidelity(lm, planner: Planner, up_mapping: UpMapping, examples: Sequence[Clo
     }
 
 
-def pca_reference(lm, config: CloneConfig, states_for_norm: torch.Tensor
+def pca_reference(lm, config: CloneConfig, states_for_norm: torch.Tensor, prompts=None
                   ) -> tuple[Planner, UpMapping]:
     """The reference agent of the fidelity report: a random (untrained) planner with the same
-    state normalisation, and the PCA up-mapping of the input embeddings."""
+    state normalisation, and the PCA up-mapping (of the input embeddings, or of the layer's
+    activations over ``prompts`` for residual actions)."""
     with torch.random.fork_rng(devices=[]):
-        planner = Planner.for_model(lm, config.action_dim, config.n_tokens, config.position,
+        space = config.space
+        planner = Planner.for_model(lm, config.action_dim, space.n_tokens, space.planner_position,
                                     config.act_norm, seed=config.seed + 12345)
-        up = UpMapping.from_embedding_pca(lm, config.action_dim, config.n_tokens,
-                                          act_norm=config.act_norm, seed=config.seed)
+        up = space.pca(lm, prompts, seed=config.seed)
     planner.set_state_norm(states_for_norm.mean(0), states_for_norm.std(0, unbiased=False),
                            source="clone corpus", count=len(states_for_norm))
     dev = lm.device
@@ -484,7 +498,7 @@ def _save_checkpoint(root: Path, epoch: int, planner: Planner, up: UpMapping,
         if p.exists():
             shutil.rmtree(p)
     tmp.mkdir()
-    save_agent(tmp / "agent", planner, up)
+    Agent(up, planner).save(tmp / "agent")
     sd = opt.state_dict()
     tensors = {f"{pid}.{k}": torch.as_tensor(v).detach().contiguous().cpu()
                for pid, st in sd["state"].items() for k, v in st.items()}
@@ -509,7 +523,8 @@ def _latest_checkpoint(root: Path) -> Path | None:
 def _load_checkpoint(path: Path, lm, opt_factory) -> tuple[Planner, UpMapping, Any, dict]:
     try:
         state = json.loads((path / "state.json").read_text())
-        planner, up = load_agent(path / "agent", lm=lm)
+        agent = Agent.load(path / "agent", lm=lm)
+        planner, up = agent.planner, agent.up
         tensors = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError, KeyError, SafetensorError, DatError) as exc:
         raise DatError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from the "
@@ -608,13 +623,13 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return [batches[i] for i in order]
 
 
-def _new_agent(lm, config: CloneConfig, states: torch.Tensor, source: str
+def _new_agent(lm, config: CloneConfig, states: torch.Tensor, source: str, prompts=None
                ) -> tuple[Planner, UpMapping]:
     with torch.random.fork_rng(devices=[]):
-        planner = Planner.for_model(lm, config.action_dim, config.n_tokens, config.position,
+        space = config.space
+        planner = Planner.for_model(lm, config.action_dim, space.n_tokens, space.planner_position,
                                     config.act_norm, seed=config.seed)
-        up = UpMapping.learned(lm, config.action_dim, config.n_tokens, config.act_norm,
-                               seed=config.seed + 1)
+        up = space.learned(lm, prompts, seed=config.seed + 1)
     planner.set_state_norm(states.mean(0), states.std(0, unbiased=False), source=source,
                            count=len(states))
     return planner, up
@@ -625,7 +640,7 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
           source: str = "examples", states: torch.Tensor | None = None,
           eval_states: torch.Tensor | None = None) -> CloneResult:
     """Self-clone on ``examples`` (training) and report fidelity on ``eval_examples``; save
-    the agent (``save_agent``) in ``out_dir`` and return it with the frozen up-mapping.
+    the agent (``Agent.save``) in ``out_dir`` and return it with the frozen up-mapping.
     ``states`` / ``eval_states`` (``[N, hidden]``, aligned with the examples): their
     ``lm.state`` when already known (e.g. stored in the corpus); computed when None."""
     config = config or CloneConfig()
@@ -694,7 +709,8 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
         history = saved["history"]
         log.info("resuming self-cloning from %s (epoch %d, step %d)", last, start_epoch, step)
     else:
-        planner, up = _new_agent(lm, config, states, source)
+        planner, up = _new_agent(lm, config, states, source,
+                                 prompts=[e.prompt for e in examples[:64]])
         planner, up = planner.to(dev), up.to(dev)
         opt = make_opt(planner, up)
     planner.train()
@@ -705,7 +721,7 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
     logger = _CSVLog(log_dir, resume_step=step)
     params = [p for g in opt.param_groups for p in g["params"]]
     t0, run_tokens = time.perf_counter(), 0
-    position = config.position
+    position = Agent(up, planner).position
     try:
         with _progress(config.progress) as bar:
             task = bar.add_task("self-clone", total=total, completed=step, info="")
@@ -772,7 +788,7 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
     # -- freeze the up-mapping, save the agent
     planner.eval()
     up.eval().requires_grad_(False)
-    save_agent(out, planner, up)
+    Agent(up, planner).save(out)
 
     # -- fidelity on held-out dialogues
     report = None
@@ -822,7 +838,8 @@ def fidelity_report(lm, planner: Planner, up_mapping: UpMapping,
     }
     if config.fidelity_reference:
         ref_planner, ref_up = pca_reference(
-            lm, config, train_states if train_states is not None else states)
+            lm, config, train_states if train_states is not None else states,
+            prompts=[e.prompt for e in examples[:64]])
         report["pca_random_planner"] = fidelity(lm, ref_planner, ref_up, examples, states=states,
                                                 baseline=baseline, **kw)
     if out_dir is not None:

@@ -20,14 +20,17 @@ process, and either kind of run resumes the other's folder.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from dat.agent import ActionSpace, Agent, setting_prompts
 from dat.buffer import BufferWriter, EpisodeRecord
 from dat.errors import DatError
+from dat.planner import UP_MAPPING_DIR
 from dat.rollout import Rollout, RolloutConfig, RolloutEpisode, Throughput, episode_jobs
+from dat.steer import position_name
 
 # Keys of the settings that may differ when a run is resumed (the folder itself may be moved).
 VOLATILE = ("settings.out", "settings.episodes", "settings.batch_size", "settings.device",
@@ -46,6 +49,10 @@ class CollectConfig:
     up_mapping: str | None = None  # "pca" or a folder; default: the planner's own
     action_dim: int = 64  # PCA up-mapping only
     n_tokens: int = 2  # PCA up-mapping only
+    action: str = "tokens"  # PCA up-mapping only: "tokens" | "residual" (dat.agent.ActionSpace)
+    layer: int = 15  # residual: decoder layer whose output gets the action vector
+    residual_scale: float = 0.15  # residual: vector norm / the layer's median residual norm
+    residual_positions: str = "reply"  # residual: "reply" | "all"
     act_norm: float | None = None
     position: str | None = None
     noise: float = 0.0
@@ -60,30 +67,58 @@ class CollectConfig:
     device: str = "auto"
     progress: bool = True
     terminal_states: bool = False  # also store each episode's final state s_T (T + 1 rows)
+    end_at_sentence: bool = False  # cut-off replies end at their last complete sentence
 
 
-def load_policy(lm, planner: str | None, up_mapping: str | None, action_dim: int = 64,
-                n_tokens: int = 2, seed: int = 0):
-    """``(planner, up_mapping)`` from CLI-style specs; either may be None."""
-    from dat.planner import UpMapping, load_agent
+def load_policy(lm, planner: str | None, up_mapping: str | None,
+                space: ActionSpace | None = None, seed: int = 0, prompts=None) -> Agent | None:
+    """The agent of CLI-style specs: ``planner`` (a folder) and/or ``up_mapping`` ("pca" for
+    the fixed one of ``space``, or a folder); None when both are None (unsteered).
+    ``prompts``: what a residual PCA is measured on (see :func:`dat.agent.setting_prompts`)."""
+    from dat.planner import UpMapping
 
-    p = up = None
-    if planner:
-        p, up = load_agent(planner, lm=lm, device=lm.device)
+    space = space or ActionSpace()
+    agent = Agent.load(planner, lm) if planner else None
+    if agent is not None and space.kind != agent.kind and space.kind != ActionSpace.kind:
+        raise DatError(f"{planner} holds an agent with {agent.kind} actions, but "
+                       f"--action {space.kind} was given.")
+    up = None
     if up_mapping == "pca":
-        d = p.config.action_dim if p is not None else action_dim
-        L = p.config.n_tokens if p is not None else n_tokens
-        up = UpMapping.from_embedding_pca(lm, d, L, act_norm=p.config.act_norm if p else 1.0, seed=seed)
+        if agent is not None:  # the planner's own action size and kind
+            space = replace(space, kind=agent.kind, action_dim=agent.action_dim,
+                            n_tokens=agent.up.config.n_tokens, act_norm=agent.act_norm)
+        up = space.pca(lm, prompts, seed=seed)
     elif up_mapping:
         up = UpMapping.from_pretrained(up_mapping, hidden_size=lm.hidden_size)
-    if p is not None and up is not None and up.config.action_dim != p.config.action_dim:
-        raise DatError(f"The up-mapping takes actions of size {up.config.action_dim}, the planner "
-                       f"makes {p.config.action_dim}.")
     if up is not None:
-        up = up.to(lm.device).eval().requires_grad_(False)
-    if p is not None:
-        p = p.to(lm.device).eval().requires_grad_(False)
-    return p, up
+        agent = Agent(up, agent.planner if agent is not None else None,
+                      position=None if up.kind == "residual" else space.position)
+    return agent.to(lm.device) if agent is not None else None
+
+
+def action_space(cfg: CollectConfig) -> ActionSpace:
+    return ActionSpace(kind=cfg.action, action_dim=cfg.action_dim, act_norm=cfg.act_norm or 1.0,
+                       n_tokens=cfg.n_tokens, position=cfg.position or "prefix", layer=cfg.layer,
+                       scale=cfg.residual_scale, residual_positions=cfg.residual_positions)
+
+
+def check_collect_values(cfg: CollectConfig) -> None:
+    """Clear errors for values that would run but mean nothing (before anything is written)."""
+    import math
+
+    if cfg.rounds is not None and cfg.rounds < 1:
+        raise DatError(f"--rounds must be >= 1, got {cfg.rounds}.")
+    if cfg.max_new_tokens < 1:
+        raise DatError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}.")
+    if cfg.act_norm is not None and not (math.isfinite(cfg.act_norm) and cfg.act_norm > 0):
+        raise DatError(f"--act-norm must be a finite number > 0, got {cfg.act_norm}.")
+    if not (math.isfinite(cfg.noise) and cfg.noise >= 0):
+        raise DatError(f"--noise must be a finite number >= 0, got {cfg.noise}.")
+    if cfg.explore_directions < 0:
+        raise DatError(f"--explore-directions must be >= 0, got {cfg.explore_directions}.")
+    if cfg.temperature < 0:
+        raise DatError(f"--temperature must be >= 0, got {cfg.temperature}.")
+    action_space(cfg).validate()
 
 
 def make_setting(env: str, data: str | None, judge: str | None, lm, rounds: int | None = None):
@@ -133,14 +168,18 @@ class Collector:
 
             partner = make_partner(cfg.partner, lm=lm)
         self.partner = partner
-        self.planner, up = load_policy(lm, cfg.planner, cfg.up_mapping, cfg.action_dim,
-                                       cfg.n_tokens, cfg.seed)
-        self.up = up
+        check_collect_values(cfg)
+        space = action_space(cfg)
+        prompts = (setting_prompts(setting, "train")
+                   if cfg.up_mapping == "pca" and space.kind == "residual" else None)
+        self.agent = agent = load_policy(lm, cfg.planner, cfg.up_mapping, space, cfg.seed, prompts)
+        up = agent.up if agent is not None else None
         self.rollout_config = RolloutConfig(
             batch_size=cfg.batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, noise=cfg.noise, act_norm=cfg.act_norm,
             explore_directions=cfg.explore_directions,
-            position=cfg.position, seed=cfg.seed, terminal_states=cfg.terminal_states)
+            position=cfg.position, seed=cfg.seed, terminal_states=cfg.terminal_states,
+            end_at_sentence=cfg.end_at_sentence)
         rollout = self.rollout()
         settings = asdict(cfg)
         # the layout is the top-level key below (checked with its own message; buffers written
@@ -154,7 +193,8 @@ class Collector:
             "hidden_size": lm.hidden_size,
             "action_dim": rollout.action_dim,
             "n_tokens": up.config.n_tokens if up is not None else 0,
-            "position": rollout.position,
+            "position": position_name(rollout.position),
+            "action": agent.describe() if agent is not None else None,
             "act_norm": rollout.act_norm,
             "rounds": rollout.rounds,
             "reward_timing": setting.reward_timing,
@@ -163,11 +203,14 @@ class Collector:
             "terminal_states": cfg.terminal_states,
         }
         self.writer = BufferWriter(cfg.out, meta, volatile=VOLATILE)
+        if agent is not None and cfg.up_mapping and not (Path(cfg.out) / UP_MAPPING_DIR).is_dir():
+            # the fixed up-mapping the actions went through: `dat train` uses it by default
+            agent.up.save_pretrained(Path(cfg.out) / UP_MAPPING_DIR)
         self.generated_tokens = 0
 
     def rollout(self) -> Rollout:
-        return Rollout(self.lm, self.setting, partner=self.partner, planner=self.planner,
-                       up_mapping=self.up, config=self.rollout_config)
+        return Rollout(self.lm, self.setting, partner=self.partner, agent=self.agent,
+                       config=self.rollout_config)
 
     def pending(self, episode_ids=None) -> list:
         """The jobs of ``episode_ids`` (default: ``0 .. episodes - 1``) that are not in the

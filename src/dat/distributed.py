@@ -170,8 +170,8 @@ class Worker:
         setting = self._setting(lm, run["env"], run["data"], run["judge"], run["rounds"])
         key = json.dumps(spec, sort_keys=True)
         if self._policy is None or self._policy[0] != key:
-            self._policy = (key, *AgentSpec(**spec).load(lm))
-        _, planner, up = self._policy
+            self._policy = (key, AgentSpec(**spec).load(lm))
+        agent = self._policy[1]
         wanted = set(episode_ids)
         jobs = [j for j in episode_jobs(setting, max(wanted) + 1, run["split"], run["seed"])
                 if j[0] in wanted]
@@ -180,7 +180,7 @@ class Worker:
             raise DatError(f"Worker on {socket.gethostname()} sees other scenarios than the "
                            f"driver for episodes {episode_ids} ({got} != {scenarios}): the "
                            f"nodes must have the same setting data and dat version.")
-        rollout = Rollout(lm, setting, planner=planner, up_mapping=up, config=RolloutConfig(**config))
+        rollout = Rollout(lm, setting, agent=agent, config=RolloutConfig(**config))
         records = [episode_record(r) for r in rollout.run(jobs)]
         return {**self.info(), "records": records, "generated_tokens": rollout.generated_tokens,
                 "seconds": time.perf_counter() - t}

@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dat.agent import Agent
 from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
 from dat.errors import DatError
 from dat.fileio import atomic_write_text, finite
-from dat.planner import CONFIG_NAME, UP_MAPPING_DIR, WEIGHTS_NAME, Planner, UpMapping, load_agent
+from dat.planner import CONFIG_NAME, UP_MAPPING_DIR, WEIGHTS_NAME, Planner, UpMapping
 from dat.rollout import Rollout, RolloutConfig, RolloutEpisode, episode_jobs
 
 log = logging.getLogger("dat.evaluate")
@@ -331,8 +332,8 @@ class AgentSpec:
         return {"kind": self.kind, "planner": name(self.planner), "up_mapping": name(self.up_mapping),
                 "noise": self.noise, "act_norm": self.act_norm, "position": self.position}
 
-    def load(self, lm) -> tuple[Planner | None, UpMapping | None]:
-        """``(planner, up_mapping)`` for :class:`~dat.rollout.Rollout` (hidden size checked)."""
+    def load(self, lm) -> Agent | None:
+        """The :class:`~dat.agent.Agent` to run (None: unsteered), checked against ``lm``."""
         if self.random_actions and self.planner is not None:
             raise DatError("AgentSpec: random_actions=True takes no planner (it picks random "
                            "actions); pass the planner folder as up_mapping to reuse its up-mapping.")
@@ -341,36 +342,26 @@ class AgentSpec:
             if up is not None:
                 raise DatError("AgentSpec: an up-mapping without a planner; set random_actions=True "
                                "for random actions, or pass the planner.")
-            return None, None
+            return None
         if self.kind == "random":
             if up is None:
                 up = UpMapping.from_embedding_pca(lm, action_dim=self.action_dim,
                                                   act_norm=self.act_norm or 1.0)
-            return None, up.to(lm.device).eval()
+            return Agent(up, position=self.position if up.kind == "tokens" else None).to(lm.device)
         if isinstance(self.planner, Planner):
             if up is None:
                 raise DatError("AgentSpec: an in-memory planner needs up_mapping= (a module or a folder).")
             if self.planner.config.hidden_size != lm.hidden_size:
                 raise DatError(f"AgentSpec: the planner was made for hidden size "
                                f"{self.planner.config.hidden_size}, the model has {lm.hidden_size}.")
-            return self.planner.to(lm.device).eval(), up.to(lm.device).eval()
+            return Agent(up, self.planner).to(lm.device)
         d = self.planner_dir()
         if d is None:
             raise DatError(f"AgentSpec.planner must be a folder or a Planner, got {type(self.planner).__name__}.")
         if not (d / CONFIG_NAME).is_file():
             raise DatError(f"{d}: not a planner folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}, "
                            "written by `dat clone` or `dat train`).")
-        if up is None:
-            if not (d / UP_MAPPING_DIR).is_dir():
-                raise DatError(f"{d}: has no {UP_MAPPING_DIR}/ folder; pass up_mapping= (the "
-                               "self-clone's folder, or a PCA up-mapping).")
-            planner, up = load_agent(d, lm, device=lm.device)
-        else:
-            planner = Planner.from_pretrained(d, hidden_size=lm.hidden_size, device=lm.device)
-        if up.config.action_dim != planner.config.action_dim:
-            raise DatError(f"{d}: planner actions have size {planner.config.action_dim}, the "
-                           f"up-mapping expects {up.config.action_dim}.")
-        return planner.eval(), up.to(lm.device).eval()
+        return Agent.load(d, lm, up_mapping=up)
 
     def _load_up(self, lm) -> UpMapping | None:
         u = self.up_mapping
@@ -804,8 +795,7 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
         if runner is not None:
             result = sorted(runner(name, spec, acfg, jobs), key=lambda r: r.episode.episode_id)
         else:
-            planner, up = spec.load(lm)
-            rollout = Rollout(lm, setting, partner=partner, planner=planner, up_mapping=up,
+            rollout = Rollout(lm, setting, partner=partner, agent=spec.load(lm),
                               config=acfg)
             result = sorted(rollout.run(jobs), key=lambda r: r.episode.episode_id)
         seconds = time.perf_counter() - t0

@@ -6,6 +6,10 @@ rescaled to L2 norm ``act_norm``.
 ``UpMapping``: action ``d'`` -> ``L`` embeddings of size ``hidden``. Either learned
 (``Linear(d', L*hidden)``, trained by self-cloning) or fixed from the top ``d'`` principal
 components of the model's input-embedding matrix (one vector repeated ``L`` times).
+With ``target="residual"`` it makes one vector (``L = 1``) that is added to the residual
+stream after decoder layer ``layer`` (:class:`dat.steer.ResidualAt`); its fixed form uses the
+top principal components of that layer's activations, scaled so that an action of norm
+``act_norm`` becomes a vector of ``relative_scale`` times the layer's median residual norm.
 
 Both save as ``config.json`` + ``model.safetensors`` (``save_pretrained``/``from_pretrained``).
 """
@@ -13,6 +17,7 @@ Both save as ``config.json`` + ``model.safetensors`` (``save_pretrained``/``from
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +28,9 @@ from torch import nn
 
 from dat.errors import DatError
 from dat.fileio import atomic_write, atomic_write_text
+from dat.steer import ResidualAt
+
+ACTION_KINDS = ("tokens", "residual")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -54,8 +62,13 @@ class UpMappingConfig:
     kind: str = "learned"  # "learned" | "pca"
     act_norm: float = 1.0
     base_model: str = "default"
-    scale: float = 1.0  # pca: embedding norm per unit of action norm
+    scale: float = 1.0  # pca: output norm per unit of action norm
     dat_version: str = ""
+    target: str = "tokens"  # "tokens" (input-embedding action tokens) | "residual"
+    layer: int | None = None  # residual: the decoder layer whose output gets the vector
+    residual_positions: str = "reply"  # residual: "reply" | "all" (dat.steer.ResidualAt)
+    relative_scale: float | None = None  # residual: vector norm / median residual norm
+    residual_norm: float | None = None  # residual: median residual norm measured at the layer
 
 
 class _Pretrained(nn.Module):
@@ -118,7 +131,7 @@ class Planner(_Pretrained):
 
     @classmethod
     def for_model(cls, lm, action_dim: int = 64, n_tokens: int = 2, position: str = "prefix",
-                  act_norm: float = 1.0, seed: int | None = 0) -> "Planner":
+                  act_norm: float = 1.0, seed: int | None = 0) -> Planner:
         if seed is not None:
             torch.manual_seed(seed)
         return cls(PlannerConfig(lm.hidden_size, action_dim, n_tokens, position, act_norm, lm.name))
@@ -146,6 +159,12 @@ class UpMapping(_Pretrained):
         super().__init__()
         self.config = config
         h, d, L = config.hidden_size, config.action_dim, config.n_tokens
+        if config.target not in ACTION_KINDS:
+            raise DatError(f"UpMapping target must be one of {ACTION_KINDS}, got {config.target!r}.")
+        if config.target == "residual":
+            if L != 1:
+                raise DatError(f"a residual up-mapping makes one vector (n_tokens = 1), got {L}.")
+            ResidualAt(int(config.layer), config.residual_positions)  # validates both
         if config.kind == "learned":
             self.linear = nn.Linear(d, L * h)
         elif config.kind == "pca":
@@ -155,7 +174,7 @@ class UpMapping(_Pretrained):
 
     @classmethod
     def learned(cls, lm, action_dim: int = 64, n_tokens: int = 2, act_norm: float = 1.0,
-                seed: int | None = 0) -> "UpMapping":
+                seed: int | None = 0) -> UpMapping:
         if seed is not None:
             torch.manual_seed(seed)
         m = cls(UpMappingConfig(lm.hidden_size, action_dim, n_tokens, "learned", act_norm, lm.name))
@@ -168,7 +187,7 @@ class UpMapping(_Pretrained):
 
     @classmethod
     def from_embedding_pca(cls, lm, action_dim: int = 64, n_tokens: int = 2, act_norm: float = 1.0,
-                           seed: int = 0, chunk_rows: int = 16384) -> "UpMapping":
+                           seed: int = 0, chunk_rows: int = 16384) -> UpMapping:
         """Top ``action_dim`` principal components of the input-embedding matrix.
 
         Randomised low-rank PCA: it never forms the covariance matrix or a dense copy of
@@ -184,6 +203,51 @@ class UpMapping(_Pretrained):
         m = cls(cfg)
         m.components.copy_(components)
         return m
+
+    @classmethod
+    def residual_learned(cls, lm, layer: int, action_dim: int = 64, act_norm: float = 1.0,
+                         relative_scale: float = 0.15, positions: str = "reply",
+                         dialogues=None, seed: int | None = 0) -> UpMapping:
+        """A learned residual up-mapping (for self-cloning), initialised to output vectors of
+        about ``relative_scale`` times the layer's median residual norm."""
+        norm = residual_norm(lm, layer, dialogues)
+        if seed is not None:
+            torch.manual_seed(seed)
+        m = cls(_residual_config(lm, "learned", layer, action_dim, act_norm, relative_scale,
+                                 positions, norm))
+        with torch.no_grad():
+            m.linear.weight.normal_(0.0, relative_scale * norm / (act_norm * action_dim ** 0.5))
+            m.linear.bias.zero_()
+        return m
+
+    @classmethod
+    def from_residual_pca(cls, lm, layer: int, dialogues, action_dim: int = 64,
+                          act_norm: float = 1.0, relative_scale: float = 0.15,
+                          positions: str = "reply") -> UpMapping:
+        """Top ``action_dim`` principal components of layer ``layer``'s outputs over the prompts
+        ``dialogues`` (each prompt's first token, an attention sink of outsized norm, left out)."""
+        acts = residual_activations(lm, layer, dialogues)
+        if action_dim > acts.shape[1]:
+            raise DatError(f"a residual PCA of {action_dim} components needs hidden size >= "
+                           f"{action_dim}; {lm.name} has {acts.shape[1]}.")
+        if action_dim > acts.shape[0]:
+            raise DatError(f"a residual PCA of {action_dim} components needs at least {action_dim} "
+                           f"activation vectors; the {len(dialogues)} prompts gave {acts.shape[0]}.")
+        norm = float(acts.norm(dim=-1).median())
+        m = cls(_residual_config(lm, "pca", layer, action_dim, act_norm, relative_scale,
+                                 positions, norm))
+        m.components.copy_(embedding_pca(acts, action_dim))
+        return m
+
+    @property
+    def kind(self) -> str:
+        """How the action is applied: "tokens" or "residual"."""
+        return self.config.target
+
+    @property
+    def residual_at(self) -> ResidualAt | None:
+        c = self.config
+        return ResidualAt(int(c.layer), c.residual_positions) if c.target == "residual" else None
 
     def forward(self, action: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -235,24 +299,42 @@ def embedding_pca(weight: torch.Tensor, k: int, seed: int = 0, oversample: int =
     return (comps * flip).contiguous()
 
 
+def _residual_config(lm, kind, layer, action_dim, act_norm, relative_scale, positions, norm):
+    if not (math.isfinite(relative_scale) and relative_scale > 0):
+        raise DatError(f"residual scale must be a finite number > 0, got {relative_scale!r}.")
+    lm.check_position(ResidualAt(layer, positions))
+    return UpMappingConfig(lm.hidden_size, action_dim, 1, kind, act_norm, lm.name,
+                           scale=relative_scale * norm / act_norm, target="residual", layer=layer,
+                           residual_positions=positions, relative_scale=relative_scale,
+                           residual_norm=norm)
+
+
+@torch.no_grad()
+def residual_activations(lm, layer: int, dialogues, batch_size: int = 16) -> torch.Tensor:
+    """Outputs ``[N, hidden]`` (float32, CPU) of decoder layer ``layer`` at every token of the
+    templated prompts ``dialogues`` except each prompt's first."""
+    lm.check_position(ResidualAt(layer))
+    if not dialogues:
+        raise DatError("residual statistics need at least one prompt.")
+    rows = []
+    for lo in range(0, len(dialogues), batch_size):
+        ids = [lm.encode(d) for d in dialogues[lo:lo + batch_size]]
+        b = lm.make_batch(ids)
+        out = lm.model.base_model(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
+                                  position_ids=b.position_ids, output_hidden_states=True)
+        h = out.hidden_states[layer + 1]
+        for i, x in enumerate(ids):
+            rows.append(h[i, h.shape[1] - len(x) + 1:].float().cpu())
+    return torch.cat(rows)
+
+
+def residual_norm(lm, layer: int, dialogues=None) -> float:
+    """Median L2 norm of layer ``layer``'s outputs (over ``dialogues``, or a generic chat)."""
+    dialogues = dialogues or [[{"role": "system", "content": "You are a helpful assistant."},
+                               {"role": "user", "content": "Hi! How has your day been so far?"}]]
+    return float(residual_activations(lm, layer, dialogues).norm(dim=-1).median())
+
+
 def _typical_norm(weight: torch.Tensor, sample: int = 65536) -> float:
     rows = weight if weight.shape[0] <= sample else weight[:: max(1, weight.shape[0] // sample)]
     return float(rows.float().norm(dim=-1).median())
-
-
-def load_agent(directory: str | os.PathLike, lm=None, device: str | torch.device = "cpu"):
-    """Load ``(planner, up_mapping)`` from a folder written by ``save_agent``."""
-    hidden = lm.hidden_size if lm is not None else None
-    d = Path(directory)
-    planner = Planner.from_pretrained(d, hidden_size=hidden, device=device)
-    up = UpMapping.from_pretrained(d / UP_MAPPING_DIR, hidden_size=hidden, device=device)
-    if up.config.action_dim != planner.config.action_dim or up.config.n_tokens != planner.config.n_tokens:
-        raise DatError(f"{d}: planner and up-mapping disagree on action size or number of tokens.")
-    return planner, up
-
-
-def save_agent(directory: str | os.PathLike, planner: Planner, up_mapping: UpMapping) -> Path:
-    """Save a planner with its up-mapping in ``directory/`` and ``directory/up_mapping/``."""
-    d = planner.save_pretrained(directory)
-    up_mapping.save_pretrained(d / UP_MAPPING_DIR)
-    return d

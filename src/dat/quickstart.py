@@ -43,6 +43,11 @@ class QuickstartConfig:
     explore_directions: int = 16  # start="pca": K held directions, each on explore_episodes / K topics
     eval_episodes: int | None = None  # None: one per held-out test topic
     action_dim: int = 64
+    action: str = "residual"  # "residual" | "tokens" (the paper's prefix tokens) — docs/quickstart.md
+    layer: int = 15  # residual: decoder layer (of 30) whose output gets the action vector
+    residual_scale: float = 0.15  # residual: vector norm / the layer's median residual norm
+    residual_positions: str = "reply"
+    end_at_sentence: bool = True  # replies cut at max_new_tokens end at their last full sentence
     n_tokens: int = 2
     position: str = "prefix"
     act_norm: float = 1.0
@@ -56,7 +61,7 @@ class QuickstartConfig:
     seed: int = 0
     tiny: bool = False
 
-    def shrink(self) -> "QuickstartConfig":
+    def shrink(self) -> QuickstartConfig:
         """A few episodes and tokens: the pipeline end to end in minutes (for tests)."""
         self.rounds, self.max_new_tokens, self.batch_size = 1, 8, 4
         self.corpus_episodes, self.explore_episodes, self.eval_episodes = 6, 8, 4
@@ -71,7 +76,6 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     from dat.clone import CloneConfig, clone
     from dat.collect import CollectConfig, collect, make_setting
     from dat.evaluate import AgentSpec, evaluate, format_table
-    from dat.planner import UpMapping
     from dat.rollout import RolloutConfig
     from dat.td3bc import TD3BCConfig, train_from_buffer
 
@@ -96,7 +100,10 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device)
     setting = make_setting("taboo", None, None, lm, cfg.rounds)
     common = dict(model=cfg.model, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
-                  batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+                  batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                  end_at_sentence=cfg.end_at_sentence)
+    action = dict(action=cfg.action, layer=cfg.layer, residual_scale=cfg.residual_scale,
+                  residual_positions=cfg.residual_positions)
 
     step("1. unsteered corpus")
     corpus = out / "corpus"
@@ -109,7 +116,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
                        act_norm=cfg.act_norm, epochs=cfg.clone_epochs, lr=cfg.clone_lr, seed=cfg.seed,
                        max_examples=cfg.clone_examples, fidelity_examples=64,
                        fidelity_generate=8 if cfg.tiny else 16,
-                       fidelity_max_new_tokens=cfg.max_new_tokens, fidelity_reference=False)
+                       fidelity_max_new_tokens=cfg.max_new_tokens, fidelity_reference=False,
+                       **action)
     cloned = clone(lm, corpus, clone_dir, ccfg)
     done("2. self-clone")
 
@@ -118,7 +126,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     if cfg.start == "pca":  # random directions through the PCA up-mapping, no planner
         policy = {"up_mapping": "pca", "explore_directions": cfg.explore_directions,
                   "action_dim": cfg.action_dim, "n_tokens": cfg.n_tokens,
-                  "act_norm": cfg.act_norm, "position": cfg.position}
+                  "act_norm": cfg.act_norm, **action,
+                  "position": cfg.position if cfg.action == "tokens" else None}
     else:  # Gaussian noise around the self-clone's actions
         policy = {"planner": str(clone_dir), "noise": cfg.noise}
     collect(CollectConfig(out=str(explore), episodes=cfg.explore_episodes, **policy, **common),
@@ -129,15 +138,13 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     dat_dir = out / "dat"
     tcfg = TD3BCConfig(**{**cfg.td3bc, "seed": cfg.seed, "log_dir": str(dat_dir / "logs"),
                           "act_norm": cfg.act_norm, "position": cfg.position})
-    if cfg.start == "pca":
-        init = None
-        up = UpMapping.from_embedding_pca(lm, cfg.action_dim, cfg.n_tokens, act_norm=cfg.act_norm,
-                                          seed=cfg.seed)
+    if cfg.start == "pca":  # the fixed up-mapping the exploration used (saved in its folder)
+        init, up = None, None
     else:
-        from dat.planner import load_agent
+        from dat.agent import Agent
 
         init = str(clone_dir)
-        _, up = load_agent(clone_dir, lm=lm)
+        up = Agent.load(clone_dir, lm=lm).up
     train_from_buffer(explore, dat_dir, tcfg, init=init, up_mapping=up)
     done("4. TD3+BC")
 
@@ -145,7 +152,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     agents = {"unsteered": AgentSpec(), "self-clone": AgentSpec.from_dir(clone_dir),
               "DAT": AgentSpec.from_dir(dat_dir)}
     rcfg = RolloutConfig(batch_size=cfg.eval_batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
-                         seed=cfg.seed)
+                         seed=cfg.seed, end_at_sentence=cfg.end_at_sentence)
     results = evaluate(lm, setting, agents, cfg.eval_episodes, split="test", seed=cfg.seed,
                        config=rcfg, out_dir=out / "report")
     done("5. evaluation on held-out test topics")

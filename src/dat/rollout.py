@@ -21,16 +21,18 @@ trained on a small buffer tell good directions from bad ones.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
+from dat.agent import Agent
 from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
 from dat.errors import DatError
 from dat.kvcache import PrefixCache
-from dat.planner import Planner, UpMapping, normalize_action
+from dat.planner import Planner, UpMapping
 
 
 @dataclass
@@ -52,6 +54,9 @@ class RolloutConfig:
     # also compute the terminal state s_T (one more batched state pass per finished group);
     # TD targets never use it (the last step is done), so buffers leave it out by default
     terminal_states: bool = False
+    # a reply cut off by max_new_tokens ends at its last complete sentence (if it has one),
+    # so that nobody answers half a sentence; the token counts still say it hit the limit
+    end_at_sentence: bool = False
 
 
 @dataclass
@@ -99,57 +104,58 @@ class Partner:
         self.model = model
 
     def reply(self, dialogues, max_new_tokens, temperature, top_p, seed,
-              caches=None) -> tuple[list[str], int]:
+              caches=None) -> tuple[list[str], int, list[bool]]:
+        """Texts, tokens generated, and whether each reply ended by itself (True when the
+        partner cannot tell)."""
         if hasattr(self.model, "generate_detailed"):
             g = self.model.generate_detailed(dialogues, max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, seed=seed,
                                              caches=caches)
-            return g.texts, g.num_generated
+            return g.texts, g.num_generated, list(g.stopped)
         texts = self.model.reply(dialogues, max_new_tokens=max_new_tokens, temperature=temperature,
                                  seed=seed)
-        return list(texts), 0
+        return list(texts), 0, [True] * len(texts)
 
 
 class Rollout:
     """Run episodes of a setting with a (possibly steered) agent and its partner."""
 
     def __init__(self, lm, setting: Setting, partner=None, planner: Planner | None = None,
-                 up_mapping: UpMapping | None = None, config: RolloutConfig | None = None):
+                 up_mapping: UpMapping | None = None, config: RolloutConfig | None = None,
+                 agent: Agent | None = None):
         self.lm = lm
         self.setting = setting
         self.partner = Partner(partner if partner is not None else lm)  # same object: no copy
-        self.planner = planner
-        self.up = up_mapping
         self.cfg = config or RolloutConfig()
-        if planner is not None and up_mapping is None:
+        if agent is not None and (planner is not None or up_mapping is not None):
+            raise DatError("Rollout: pass either agent= or planner=/up_mapping=, not both.")
+        if agent is None and planner is not None and up_mapping is None:
             raise DatError("A planner needs an up-mapping (a learned one from `dat clone`, or PCA).")
-        if self.up is not None and self.up.config.hidden_size != lm.hidden_size:
-            raise DatError(f"The up-mapping was made for hidden size {self.up.config.hidden_size}, "
+        if agent is None and up_mapping is not None:
+            agent = Agent(up_mapping, planner, position=self.cfg.position, act_norm=self.cfg.act_norm)
+        elif agent is not None and (self.cfg.position or self.cfg.act_norm):  # overrides
+            agent = Agent(agent.up, agent.planner, position=self.cfg.position,
+                          act_norm=self.cfg.act_norm or agent.act_norm)
+        self.agent = agent
+        if agent is not None and agent.up.config.hidden_size != lm.hidden_size:
+            raise DatError(f"The up-mapping was made for hidden size {agent.up.config.hidden_size}, "
                            f"the model has {lm.hidden_size}.")
-        if planner is not None and planner.config.hidden_size != lm.hidden_size:
-            raise DatError(f"The planner was made for hidden size {planner.config.hidden_size}, "
-                           f"the model has {lm.hidden_size}.")
-        source = planner.config if planner is not None else (self.up.config if self.up else None)
-        self.act_norm = self.cfg.act_norm or (source.act_norm if source else 1.0)
-        self.position = self.cfg.position or (planner.config.position if planner else "prefix")
+        if agent is not None:
+            lm.check_position(agent.position)
+        self.act_norm = agent.act_norm if agent is not None else (self.cfg.act_norm or 1.0)
+        self.position = agent.position if agent is not None else (self.cfg.position or "prefix")
         self.rounds = self.cfg.rounds or setting.rounds
-        self.action_dim = self.up.config.action_dim if self.up is not None else 0
+        self.action_dim = agent.action_dim if agent is not None else 0
         self.generated_tokens = 0
         self._calls = 0
         self._seeds: dict[str, PrefixCache] = {}
 
     # ------------------------------------------------------------------ actions
     def _actions(self, slots: list[_Slot], states: torch.Tensor) -> torch.Tensor | None:
-        if self.up is None:
+        if self.agent is None:
             return None
-        dev = self.up.components.device if self.up.config.kind == "pca" else self.up.linear.weight.device
-        eps = torch.stack([self._noise(s.episode.episode_id, len(s.actions)) for s in slots]).to(dev)
-        with torch.no_grad():
-            if self.planner is None:
-                a = normalize_action(eps, self.act_norm)
-            else:
-                mean = self.planner(states.to(dev))
-                a = normalize_action(mean + self.cfg.noise * eps, self.act_norm)
+        eps = torch.stack([self._noise(s.episode.episode_id, len(s.actions)) for s in slots])
+        a = self.agent.act(states, noise=self.cfg.noise, eps=eps)
         for s, row in zip(slots, a):
             s.actions.append(row.float().cpu())
         return a
@@ -192,12 +198,14 @@ class Rollout:
         for s, row in zip(slots, states):
             s.states.append(row)
         actions = self._actions(slots, states)
-        embeds = None if actions is None else self.up(actions).to(self.lm.device)
+        embeds = None if actions is None else self.agent.embed(actions).to(self.lm.device)
         g = self.lm.generate_detailed(views, actions=embeds, position=self.position,
                                       max_new_tokens=self.cfg.max_new_tokens,
                                       temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                                       seed=self._seed(), caches=caches)
         for s, text, toks, stop in zip(slots, g.texts, g.token_ids, g.stopped):
+            if self.cfg.end_at_sentence and not stop:
+                text = last_sentence_end(text)
             s.episode.turns.append(Turn("steered", text))
             s.next_speaker = "partner"
             s.tokens += len(toks) + int(stop)
@@ -210,8 +218,10 @@ class Rollout:
         temp = self.cfg.temperature if temp is None else temp
         views = [s.episode.view("partner") for s in slots]
         caches = self._caches(slots, "partner", views) if self.partner.model is self.lm else None
-        texts, n = self.partner.reply(views, self.cfg.max_new_tokens, temp, self.cfg.top_p,
-                                      self._seed(), caches=caches)
+        texts, n, stopped = self.partner.reply(views, self.cfg.max_new_tokens, temp, self.cfg.top_p,
+                                               self._seed(), caches=caches)
+        if self.cfg.end_at_sentence:
+            texts = [t if st else last_sentence_end(t) for t, st in zip(texts, stopped)]
         self.generated_tokens += n
         for s, text in zip(slots, texts):
             first = not any(t.speaker == "steered" for t in s.episode.turns)
@@ -302,6 +312,15 @@ class Rollout:
         else:
             nxt = opening.speaker
         return _Slot(ep, nxt)
+
+
+_SENTENCE_END = re.compile(r"[.!?](?:[\"')\]]*)(?=\s|$)")
+
+
+def last_sentence_end(text: str) -> str:
+    """``text`` up to its last complete sentence; unchanged when it has none (or ends one)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]].rstrip() if ends else text
 
 
 def episode_jobs(setting: Setting, n: int, split: str = "train", seed: int = 0,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 from dat.errors import ContextLengthError, DatError
+from dat.steer import position_name
 
 log = logging.getLogger("dat.serve")
 
@@ -331,27 +332,28 @@ class _Row:
 class Engine:
     """The model side: validates prompts against the context and decodes groups of jobs."""
 
-    def __init__(self, lm, planner=None, up_mapping=None, planner_path: str | None = None):
+    def __init__(self, lm, agent=None, planner_path: str | None = None):
         self.lm = lm
-        self.planner, self.up = planner, up_mapping
+        self.agent = agent
+        self.planner = agent.planner if agent is not None else None
         self.planner_path = planner_path
-        self.position = planner.config.position if planner is not None else None
-        self.n_action_tokens = up_mapping.config.n_tokens if up_mapping is not None else 0
+        self.position = agent.position if agent is not None else None
+        # residual actions add no tokens to the prompt
+        self.n_action_tokens = (agent.up.config.n_tokens if agent is not None and agent.kind == "tokens"
+                                else 0)
         self.eos_set = set(lm.eos_token_ids)
         self._piece: dict[int, tuple[str, list[int]]] = {}
 
     @classmethod
     def load(cls, model: str = "default", planner: str | None = None, device: str = "auto",
              dtype: str = "auto", backend: str = "hf") -> "Engine":
+        from dat.agent import Agent
         from dat.backends import make_lm
-        from dat.planner import load_agent
 
         lm = make_lm(model, backend=backend, device=device, dtype=dtype)
         if planner is None:
             return cls(lm)
-        p, up = load_agent(planner, lm, device=lm.device)
-        p.eval(), up.eval()
-        return cls(lm, p, up, str(Path(planner).resolve()))
+        return cls(lm, Agent.load(planner, lm), str(Path(planner).resolve()))
 
     # -------------------------------------------------------------- text helpers
     def detokenize(self, tokens: list[int]) -> str:
@@ -423,13 +425,14 @@ class Engine:
         with torch.no_grad():
             if steered:
                 state = lm.state([j.params.messages for j in jobs])
-                actions = self.up(self.planner(state.to(lm.device)))
-            batch = lm._batch([j.ids for j in jobs], [j.insert_at for j in jobs] if steered else None,
-                              actions)
+                actions = self.agent.embed(self.agent.act(state))
+            batch = lm.make_batch([j.ids for j in jobs],
+                                  [j.insert_at for j in jobs] if steered else None,
+                                  actions, position=self.position if steered else None)
         rows = [_Row(j, self, len(jobs)) for j in jobs]
         info = {"steered": steered, "planner": self.planner_path if steered else None,
                 "action_tokens": self.n_action_tokens if steered else 0,
-                "position": self.position if steered else None}
+                "position": position_name(self.position) if steered else None}
         want = [j.params.top_logprobs for j in jobs if j.params.top_logprobs is not None]
         top_k = max(want) if want else None
 
@@ -449,8 +452,9 @@ class Engine:
                     row.stream_delta()
             return finished
 
-        lm._decode(batch, max(j.max_tokens for j in jobs), p.temperature, p.top_p, seed,
-                   top_logprobs=top_k, on_step=on_step)
+        with lm.steering(batch):
+            lm._decode(batch, max(j.max_tokens for j in jobs), p.temperature, p.top_p, seed,
+                       top_logprobs=top_k, on_step=on_step)
         for row in rows:  # safety net: every request gets an answer
             if row.finish is None:
                 row.finish = "length"

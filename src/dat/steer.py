@@ -9,6 +9,12 @@ prompt at one of three places:
   templated prompt (no marker text is searched for);
 * ``suffix``: at the very end, immediately before the first generated token.
 
+A second kind of action, :class:`ResidualAt`, adds one vector per row to the residual
+stream: the hidden-state output of decoder layer ``layer`` (0-based), either at the positions
+that predict reply tokens (``"reply"``: the last prompt token and every generated token, so
+the prompt's KV cache stays valid) or at every position (``"all"``: the prompt is re-encoded).
+The hook exists only while a steered call runs, so a partner sharing the model is untouched.
+
 Batches are left-padded. Attention masks cover the inserted tokens and position ids count
 them, so every row of a batch is computed exactly as it would be alone.
 """
@@ -16,8 +22,10 @@ them, so every row of a batch is computed exactly as it would be alone.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +34,45 @@ from dat.errors import ContextLengthError, DatError
 from dat.kvcache import PrefixCache, slab_cache, supports_slab, take
 from dat.models import DEFAULT_MODEL, load_model
 
-Position = Literal["prefix", "infix", "suffix"]
+TokenPosition = Literal["prefix", "infix", "suffix"]
 POSITIONS = ("prefix", "infix", "suffix")
+RESIDUAL_POSITIONS = ("reply", "all")
+
+
+@dataclass(frozen=True)
+class ResidualAt:
+    """A residual-stream action: ``actions[:, 0]`` is added to the output of decoder layer
+    ``layer`` at ``positions`` (``"reply"`` or ``"all"``, see the module docstring)."""
+
+    layer: int
+    positions: str = "reply"
+
+    def __post_init__(self):
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise DatError(f"ResidualAt.layer must be an integer, got {self.layer!r}")
+        if self.positions not in RESIDUAL_POSITIONS:
+            raise DatError(f"ResidualAt.positions must be one of {RESIDUAL_POSITIONS}, "
+                           f"got {self.positions!r}")
+
+
+Position = TokenPosition | ResidualAt
+
+
+def position_name(position: Position | None) -> str | None:
+    """A JSON-friendly name: "prefix" / "infix" / "suffix", or "residual@<layer>/<positions>"."""
+    if isinstance(position, ResidualAt):
+        return f"residual@{position.layer}/{position.positions}"
+    return position
+
+
+@dataclass
+class _Residual:
+    """A residual action on a batch: vectors ``[B, hidden]`` and, for the next forward pass,
+    which of its columns receive them (``None``: every column, as in decoding steps)."""
+
+    layer: int
+    vectors: torch.Tensor
+    mask: torch.Tensor | None
 Message = dict
 Dialogue = Sequence[Message]
 
@@ -61,6 +106,7 @@ class _Batch:
     cache: object | None = None  # a slab cache holding the rows' cached prefixes
     # filled by _decode: every token picked per row (stop tokens and pads included)
     tokens: list[list[int]] | None = None
+    residual: _Residual | None = None  # a residual-stream action, applied by every forward
 
 
 class SteeredLM:
@@ -107,7 +153,7 @@ class SteeredLM:
         dtype: str = "auto",
         max_context: int | None = None,
         truncation: Literal["error", "left"] = "error",
-    ) -> "SteeredLM":
+    ) -> SteeredLM:
         model, tokenizer, name = load_model(name_or_path, device=device, dtype=dtype)
         return cls(model, tokenizer, name=name, max_context=max_context, truncation=truncation)
 
@@ -172,7 +218,10 @@ class SteeredLM:
         )
 
     def insertion_point(self, dialogue: Dialogue, ids: list[int], position: Position) -> int:
-        """Index in ``ids`` before which the action tokens go."""
+        """Index in ``ids`` before which the action tokens go; for a :class:`ResidualAt`, the
+        first position that receives the vector (nothing before it may come from a cache)."""
+        if isinstance(position, ResidualAt):
+            return len(ids) - 1 if position.positions == "reply" else 0
         if position == "prefix":
             bos = self.tokenizer.bos_token_id
             return 1 if bos is not None and ids and ids[0] == bos else 0
@@ -201,9 +250,28 @@ class SteeredLM:
         raise DatError(f"position must be one of {POSITIONS}, got {position!r}")
 
     # ------------------------------------------------------------------ batching
-    def _check_actions(self, actions: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    @property
+    def num_layers(self) -> int:
+        return len(self._base().layers)
+
+    def check_position(self, position: Position) -> None:
+        """A clear error for a position this model cannot take."""
+        if isinstance(position, ResidualAt):
+            if not 0 <= position.layer < self.num_layers:
+                raise DatError(f"residual layer {position.layer} is outside {self.name}, which has "
+                               f"{self.num_layers} decoder layers (valid: 0 .. {self.num_layers - 1}).")
+        elif position not in POSITIONS:
+            raise DatError(f"position must be one of {POSITIONS} or a ResidualAt, got {position!r}")
+
+    def _check_actions(self, actions: torch.Tensor | None, batch: int,
+                       position: Position = "prefix") -> torch.Tensor | None:
         if actions is None:
             return None
+        if isinstance(position, ResidualAt) and isinstance(actions, torch.Tensor) and actions.dim() == 2:
+            actions = actions[:, None, :]
+        if isinstance(position, ResidualAt) and actions.dim() == 3 and actions.shape[1] != 1:
+            raise DatError(f"a residual action is one vector per row ([batch, 1, hidden]), got "
+                           f"{list(actions.shape)}.")
         if not isinstance(actions, torch.Tensor) or not actions.is_floating_point():
             raise DatError("actions must be a float tensor of shape [batch, n_tokens, hidden].")
         if actions.dim() != 3 or actions.shape[0] != batch or actions.shape[2] != self.hidden_size:
@@ -223,13 +291,20 @@ class SteeredLM:
         caches: list[PrefixCache] | None = None,
         reuse: list[int] | None = None,
         capacity: int = 0,
+        position: Position | None = None,
     ) -> _Batch:
         """Left-padded input embeddings with the action vectors inserted at ``insert_at``.
+
+        With a :class:`ResidualAt` ``position``, nothing is inserted: ``actions[:, 0]`` is added
+        to that layer's output from ``insert_at[i]`` on, by every forward pass of the batch.
 
         With ``caches``, the first ``reuse[i]`` tokens of row ``i`` come from ``caches[i]``
         (``insert_at[i] >= reuse[i]``) and only the rest is embedded; the batch then carries a
         slab cache with room for ``capacity`` more positions after the new tokens.
         """
+        residual = None
+        if isinstance(position, ResidualAt) and actions is not None:
+            residual, actions = actions[:, 0], None
         n_act = 0 if actions is None else actions.shape[1]
         start = reuse or [0] * len(ids)
         tails = [x[s:] for x, s in zip(ids, start)]
@@ -256,11 +331,48 @@ class SteeredLM:
             embeds = embeds.index_put((b_idx, t_idx), actions.to(dev, embeds.dtype).reshape(-1, embeds.shape[-1]))
         offset = torch.tensor(start, dtype=torch.long, device=dev)[:, None]
         position_ids = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+        steer = None
+        if residual is not None:
+            cols = torch.arange(T, device=dev)[None, :]
+            first = torch.tensor([T - lengths[i] + insert_at[i] - start[i] for i in range(B)],
+                                 device=dev)[:, None]
+            steer = _Residual(position.layer, residual.to(dev, embeds.dtype), cols >= first)
         cache = None
         if caches is not None:
             cache, past_mask = slab_cache(self.model, caches, start, B, T + capacity, self.dtype, dev)
             mask = torch.cat([past_mask, mask], dim=1)
-        return _Batch(embeds, mask, position_ids, [len(x) + n_act for x in ids], cache)
+        return _Batch(embeds, mask, position_ids, [len(x) + n_act for x in ids], cache,
+                      residual=steer)
+
+    def make_batch(self, ids: list[list[int]], insert_at: list[int] | None = None,
+                   actions: torch.Tensor | None = None, position: Position | None = None) -> _Batch:
+        """Left-padded embeddings, mask and position ids of the token rows ``ids``, with the
+        actions at ``insert_at`` (see :meth:`insertion_point`); decode it with
+        ``with lm.steering(batch): ...`` so that a residual action is applied."""
+        return self._batch(ids, insert_at, actions, position=position)
+
+    @contextmanager
+    def steering(self, batch: _Batch):
+        """Within this block, forward passes of ``batch`` get its residual action (if any).
+        The hook is removed on exit, also when the block raises."""
+        steer = batch.residual
+        if steer is None:
+            yield
+            return
+
+        def add(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            vec = steer.vectors[:, None, :]
+            if steer.mask is not None:
+                vec = vec * steer.mask[:, -hidden.shape[1]:, None].to(hidden.dtype)
+            hidden = hidden + vec
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = self._base().layers[steer.layer].register_forward_hook(add)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _reuse(self, caches, ids, insert_at) -> list[int]:
         """Tokens of each row taken from its prefix cache (never past the action tokens)."""
@@ -277,8 +389,9 @@ class SteeredLM:
 
     def _prepare(self, dialogues, actions, position, reserve):
         dialogues = _check_batch(dialogues)
-        actions = self._check_actions(actions, len(dialogues))
-        n_act = 0 if actions is None else actions.shape[1]
+        self.check_position(position)
+        actions = self._check_actions(actions, len(dialogues), position)
+        n_act = 0 if actions is None or isinstance(position, ResidualAt) else actions.shape[1]
         ids = [self.encode(d, reserve=reserve + n_act) for d in dialogues]
         insert_at = None
         if actions is not None:
@@ -368,8 +481,7 @@ class SteeredLM:
         With ``caches`` (one :class:`PrefixCache` per dialogue), each prompt's cached prefix
         is reused up to the action tokens; unsteered calls also store the prompt and the
         reply in the cache, so the next turn encodes only what is new."""
-        if position not in POSITIONS:
-            raise DatError(f"position must be one of {POSITIONS}, got {position!r}")
+        self.check_position(position)
         if max_new_tokens < 1:
             raise DatError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -377,7 +489,8 @@ class SteeredLM:
         _, ids, insert_at, actions = self._prepare(dialogues, actions, position, max_new_tokens)
         caches = self._check_caches(caches, len(ids))
         reuse = None if caches is None else self._reuse(caches, ids, insert_at)
-        batch = self._batch(ids, insert_at, actions, caches, reuse, capacity=max_new_tokens)
+        batch = self._batch(ids, insert_at, actions, caches, reuse, capacity=max_new_tokens,
+                            position=position)
         trace = None
         if logprobs is not None:
             trace = [[] for _ in ids]
@@ -386,9 +499,11 @@ class SteeredLM:
                 for i, row in enumerate(trace):
                     row.append((int(tokens[i]), lps.logprob[i], list(zip(lps.top_ids[i], lps.top_logprobs[i]))))
 
-        new, stopped = self._decode(batch, max_new_tokens, temperature, top_p, seed,
-                                    top_logprobs=logprobs, on_step=record if trace is not None else None,
-                                    ignore_eos=ignore_eos)
+        with self.steering(batch):
+            new, stopped = self._decode(batch, max_new_tokens, temperature, top_p, seed,
+                                        top_logprobs=logprobs,
+                                        on_step=record if trace is not None else None,
+                                        ignore_eos=ignore_eos)
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         if caches is not None and actions is None:
             # the reply tokens fed back during decoding are part of the next prompt
@@ -414,9 +529,11 @@ class SteeredLM:
         reserve = max(len(t) for t in target_ids)
         _, ids, insert_at, actions = self._prepare(dialogues, actions, position, reserve)
         full = [p + t for p, t in zip(ids, target_ids)]
-        batch = self._batch(full, insert_at, actions)
-        hidden = self._base()(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        batch = self._batch(full, insert_at, actions, position=position)
+        with self.steering(batch):
+            hidden = self._base()(inputs_embeds=batch.inputs_embeds,
+                                  attention_mask=batch.attention_mask,
+                                  position_ids=batch.position_ids, use_cache=False).last_hidden_state
         # Only the positions that predict target tokens go through the LM head.
         T = hidden.shape[1]
         rows, cols, labels = [], [], []
@@ -504,6 +621,8 @@ class SteeredLM:
         logits = self._next_logits(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                                    position_ids=batch.position_ids, use_cache=True,
                                    **{self._cache_kw: cache})
+        if batch.residual is not None:
+            batch.residual.mask = None  # every decoding step is a reply position
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         cut: list[int | None] = [None] * B  # rows finished by on_step: number of tokens kept
         steps = []

@@ -79,16 +79,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dat.agent import Agent
 from dat.errors import DatError
 from dat.fileio import atomic_write, atomic_write_text
 from dat.models import resolve_device
 from dat.planner import (
+    CONFIG_NAME,
+    UP_MAPPING_DIR,
     Planner,
     PlannerConfig,
     UpMapping,
-    load_agent,
     normalize_action,
-    save_agent,
 )
 from dat.progress import progress_bar as _progress
 
@@ -720,7 +721,8 @@ def _make_actor(init, up_mapping: UpMapping | None, data: TransitionDataset,
     elif init is not None:
         d = Path(init)
         if (d / "up_mapping").is_dir():
-            planner, up = load_agent(d)
+            agent = Agent.load(d)
+            planner, up = agent.planner, agent.up
         else:
             planner, up = Planner.from_pretrained(d), None
         up = up_mapping if up_mapping is not None else up
@@ -733,10 +735,12 @@ def _make_actor(init, up_mapping: UpMapping | None, data: TransitionDataset,
         base = (up_mapping.config.base_model if up_mapping is not None
                 else str(_meta_model(data.meta) or "default"))
         n_tokens = up_mapping.config.n_tokens if up_mapping is not None else 2
+        position = ("residual" if up_mapping is not None and up_mapping.kind == "residual"
+                    else config.position)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             planner = Planner(PlannerConfig(data.hidden_size, data.action_dim, n_tokens,
-                                            config.position, act_norm, base))
+                                            position, act_norm, base))
         up, pretrained, what = up_mapping, False, "a new planner"
     c = planner.config
     if c.hidden_size != data.hidden_size:
@@ -794,9 +798,9 @@ def train(data: TransitionDataset, out_dir: str | os.PathLike, config: TD3BCConf
           up_mapping: UpMapping | None = None) -> TD3BCResult:
     """Train the planner with TD3+BC on ``data`` and save it in ``out_dir``.
 
-    ``init``: a saved agent/planner folder (e.g. a self-clone, ``load_agent``), a ``Planner``
+    ``init``: a saved agent/planner folder (e.g. a self-clone, ``Agent.load``), a ``Planner``
     (copied, not modified), or ``None`` for a new planner. ``up_mapping`` (or the one saved
-    with ``init``) is saved next to the actor (``save_agent``); without one the actor alone is
+    with ``init``) is saved next to the actor (``Agent.save``); without one the actor alone is
     saved (``save_pretrained``). With ``config.per_scenario`` one actor per scenario id is
     trained, in ``out_dir/scenarios/<id>/``.
     """
@@ -906,7 +910,7 @@ def _train_one(data: TransitionDataset, out: Path, config: TD3BCConfig, init, up
     # the final actor (and critics, for inspection or further training)
     planner = agent.actor
     if up is not None:
-        save_agent(out, planner, up)
+        Agent(up, planner).save(out)
     else:
         planner.save_pretrained(out)
     save_critics(out / CRITICS_DIR, agent.critic1, agent.critic2)
@@ -924,7 +928,9 @@ def train_from_buffer(buffer_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       config: TD3BCConfig | None = None,
                       init: str | os.PathLike | Planner | None = None,
                       up_mapping: UpMapping | None = None) -> TD3BCResult:
-    """Read the buffer folder written by ``dat collect`` and :func:`train` on it."""
+    """Read the buffer folder written by ``dat collect`` and :func:`train` on it. Without
+    ``init`` and ``up_mapping``, the fixed up-mapping that the buffer's actions went through
+    (``buffer_dir/up_mapping/``, written by ``dat collect --up-mapping ...``) is used."""
     d = Path(buffer_dir)
     if not d.is_dir():
         raise DatError(f"buffer folder {d} does not exist (write one with `dat collect`).")
@@ -939,6 +945,8 @@ def train_from_buffer(buffer_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if hidden is not None and int(hidden) != data.hidden_size:
         raise DatError(f"buffer {d}: its metadata says hidden size {hidden}, but its states have "
                        f"size {data.hidden_size}; the buffer is corrupted.")
+    if init is None and up_mapping is None and (d / UP_MAPPING_DIR / CONFIG_NAME).is_file():
+        up_mapping = UpMapping.from_pretrained(d / UP_MAPPING_DIR, hidden_size=data.hidden_size)
     return train(data, out_dir, config, init=init, up_mapping=up_mapping)
 
 

@@ -101,6 +101,9 @@ class VLLMSteeredLM(SteeredLM):
         """Each row's input embeddings without its left padding: ``[seq, hidden]`` on the CPU."""
         if batch.cache is not None:
             raise DatError("The vLLM backend takes no prefix caches (vLLM caches prefixes itself).")
+        if batch.residual is not None:
+            raise DatError("The vLLM backend steers through prompt embeddings only, so it cannot "
+                           "apply residual-stream actions; use --backend hf for residual agents.")
         rows = []
         for i in range(batch.inputs_embeds.shape[0]):
             keep = batch.attention_mask[i].bool()
