@@ -4,6 +4,7 @@ untouched, agents saved and loaded bit-identically, clear errors for bad setting
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,46 @@ def test_bad_settings(default_lm, tiny_lm, dialogues, taboo):
         lm.generate(dialogues, actions=_vectors(lm, 3).expand(3, 2, -1), position=ResidualAt(3))
     with pytest.raises(DatError, match="positions must be one of"):
         ResidualAt(3, "prompt")
+
+
+def test_per_scenario_agents_act_per_scenario_and_refuse_unknown(default_lm, taboo, tmp_path):
+    import json
+
+    from dat.agent import ScenarioAgents
+    from dat.evaluate import AgentSpec, evaluate
+
+    lm = default_lm
+    prompts = setting_prompts(taboo, "train", limit=16)
+    up = ActionSpace(kind="residual", action_dim=16, layer=15).pca(lm, prompts)
+    jobs = episode_jobs(taboo, 2, "train", seed=0)
+    index = {}
+    for k, (_, scn) in enumerate(jobs):
+        Agent.new(lm, up, seed=k).save(tmp_path / "per" / f"s{k}")
+        index[scn.id] = {"dir": f"s{k}"}
+    (tmp_path / "per" / "scenarios.json").write_text(json.dumps(index))
+    agents = ScenarioAgents.load(tmp_path / "per", lm)
+    states = lm.state(prompts[:2])
+    ids = [scn.id for _, scn in jobs]
+    acts = agents.act(states, scenario_ids=ids)
+    for k, sid in enumerate(ids):  # each row acts with its own scenario's planner
+        assert torch.equal(acts[k], agents.agents[sid].act(states[k:k + 1])[0].cpu())
+    assert not torch.equal(acts[0], agents.agents[ids[1]].act(states[:1])[0].cpu())
+    with pytest.raises(DatError, match="has no planner for"):
+        evaluate(lm, taboo, {"per": AgentSpec.from_dir(tmp_path / "per")}, 4, split="test",
+                 compute_perplexity=False, plots=False)
+
+
+def test_probe_reports_reliabilities(default_lm, taboo):
+    from dat.probe import ProbeConfig, probe, split_half_cosine
+
+    # the measure itself: identical shifts on every scenario -> 1; independent noise -> ~0
+    same = np.tile(np.random.default_rng(0).normal(size=(4, 1, 8)), (1, 6, 1))
+    assert split_half_cosine(same) == pytest.approx(1.0)
+    noise = np.random.default_rng(1).normal(size=(50, 40, 8))
+    assert abs(split_half_cosine(noise)) < 0.1
+    res = probe(default_lm, taboo, ActionSpace(kind="residual", action_dim=16, layer=15),
+                ProbeConfig(directions=2, scenarios=3, max_new_tokens=6, rounds=1))
+    assert res["episodes"] == 2 * 3 + 3
+    assert -1 <= res["text"]["reliability"] <= 1
+    assert 0 <= res["text"]["unchanged_share"] <= 1
+    assert res["reward"]["k"] == 2

@@ -46,6 +46,7 @@ class ActionSpace:
     layer: int = 15  # residual: the decoder layer whose output gets the vector
     scale: float = 0.15  # residual: vector norm relative to the layer's median residual norm
     residual_positions: str = "reply"  # residual: "reply" | "all"
+    basis: str = "pca"  # residual: "pca" (the layer's top components) | "random" (orthonormal)
 
     def validate(self, lm=None) -> None:
         if self.kind not in ACTION_KINDS:
@@ -82,7 +83,8 @@ class ActionSpace:
         if not prompts:
             raise DatError("a residual PCA up-mapping needs prompts to measure the layer on.")
         return UpMapping.from_residual_pca(lm, int(self.layer), prompts, self.action_dim,
-                                           self.act_norm, self.scale, self.residual_positions)
+                                           self.act_norm, self.scale, self.residual_positions,
+                                           basis=self.basis, seed=seed)
 
     def learned(self, lm, prompts=None, seed: int = 0) -> UpMapping:
         """A learned up-mapping to be trained by self-cloning."""
@@ -168,9 +170,10 @@ class Agent:
 
     @torch.no_grad()
     def act(self, states: torch.Tensor | None, noise: float = 0.0,
-            eps: torch.Tensor | None = None) -> torch.Tensor:
+            eps: torch.Tensor | None = None, scenario_ids=None) -> torch.Tensor:
         """Actions ``[B, d']`` of norm ``act_norm``: ``normalise(planner(s) + noise * eps)``; or,
-        without a planner, the directions ``eps`` (which are then required)."""
+        without a planner, the directions ``eps`` (which are then required). ``scenario_ids``
+        is for :class:`ScenarioAgents` and not used here."""
         dev = self.device
         if self.planner is None:
             if eps is None:
@@ -252,3 +255,74 @@ def setting_prompts(setting, split: str = "train", limit: int | None = None) -> 
     if not out:
         raise DatError(f"setting {setting.name!r} has no scenarios in split {split!r}.")
     return out
+
+
+SCENARIOS_INDEX = "scenarios.json"  # written by per-scenario training (dat.td3bc)
+
+
+class ScenarioAgents:
+    """The paper's protocol: one planner per scenario, all sharing one up-mapping. Each
+    episode acts with the planner of its own scenario; a scenario without one is an error."""
+
+    def __init__(self, agents: dict[str, Agent], source: str = "per-scenario agents"):
+        if not agents:
+            raise DatError(f"{source}: no per-scenario planners.")
+        first = next(iter(agents.values()))
+        for sid, a in agents.items():
+            if a.up.config != first.up.config or a.position != first.position:
+                raise DatError(f"{source}: the planner of scenario {sid!r} uses another up-mapping "
+                               "or position than the others; per-scenario planners share one.")
+        self.agents, self.source = dict(agents), source
+        self.up, self.position, self.act_norm = first.up, first.position, first.act_norm
+        self.planner = first.planner
+
+    kind = property(lambda self: self.up.kind)
+    action_dim = property(lambda self: self.up.config.action_dim)
+
+    def describe(self) -> dict:
+        return {**next(iter(self.agents.values())).describe(), "per_scenario": len(self.agents)}
+
+    def check_scenarios(self, scenario_ids) -> None:
+        missing = sorted(set(scenario_ids) - set(self.agents))
+        if missing:
+            raise DatError(f"{self.source} has no planner for {len(missing)} scenario(s) it would "
+                           f"be evaluated on (e.g. {missing[:5]}); per-scenario planners are "
+                           f"tested on the scenarios they were trained on ({len(self.agents)} here).")
+
+    def to(self, device) -> ScenarioAgents:
+        for a in self.agents.values():
+            a.to(device)
+        return self
+
+    def act(self, states, noise: float = 0.0, eps=None, scenario_ids=None) -> torch.Tensor:
+        if scenario_ids is None or len(scenario_ids) != len(states):
+            raise DatError("per-scenario planners need the scenario id of every row.")
+        self.check_scenarios(scenario_ids)
+        out = torch.empty(len(states), self.action_dim)
+        for sid in dict.fromkeys(scenario_ids):
+            rows = [i for i, s in enumerate(scenario_ids) if s == sid]
+            part = None if eps is None else eps[rows]
+            out[rows] = self.agents[sid].act(states[rows], noise, part).float().cpu()
+        return out
+
+    def embed(self, actions: torch.Tensor) -> torch.Tensor:
+        return self.up(actions.to(next(iter(self.up.state_dict().values())).device))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, lm=None, kind: str | None = None) -> ScenarioAgents:
+        import json
+
+        d = Path(directory)
+        index = d / SCENARIOS_INDEX
+        try:
+            entries = json.loads(index.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DatError(f"{index}: not a per-scenario index ({exc}).") from None
+        if not isinstance(entries, dict):
+            raise DatError(f"{index}: expected an object of scenario id -> entry.")
+        agents = {str(sid): Agent.load(d / e["dir"], lm, kind=kind) for sid, e in entries.items()}
+        return cls(agents, source=str(d))
+
+    @staticmethod
+    def is_folder(directory: str | os.PathLike) -> bool:
+        return (Path(directory) / SCENARIOS_INDEX).is_file()

@@ -19,6 +19,14 @@ app = typer.Typer(
 console = Console()
 
 # options shared by several commands
+ACTION_OPTION = typer.Option("tokens", help="Action kind of a new up-mapping: tokens (input "
+                             "embeddings at --position) | residual (a vector added after --layer).")
+LAYER_OPTION = typer.Option(15, help="Residual actions: decoder layer (0-based) whose output gets "
+                            "the vector.")
+SCALE_OPTION = typer.Option(0.15, help="Residual actions: vector norm relative to the layer's "
+                            "median residual norm.")
+RESIDUAL_POSITIONS_OPTION = typer.Option("reply", help="Residual actions: reply (the positions "
+                                         "that predict reply tokens) | all.")
 BACKEND_OPTION = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
                               "(pip install 'dat[vllm]'; see docs/scaling.md).")
 NUM_WORKERS_OPTION = typer.Option(None, help="Ray workers (default: one per GPU; CPU-only: one "
@@ -158,6 +166,17 @@ def collect(
     split: str = typer.Option("train", help="Scenario split: train | test."),
     seed: int = typer.Option(0, help="Seed of the scenario order, noise and sampling."),
     act_norm: float = typer.Option(None, help="Action norm (default: the planner's)."),
+    action: str = ACTION_OPTION,
+    layer: int = LAYER_OPTION,
+    residual_scale: float = SCALE_OPTION,
+    residual_positions: str = RESIDUAL_POSITIONS_OPTION,
+    action_dim: int = typer.Option(64, help="Action size d' of a new PCA up-mapping."),
+    n_tokens: int = typer.Option(2, help="Tokens: number of action tokens of a new PCA up-mapping."),
+    position: str = typer.Option(None, help="Tokens: prefix | infix | suffix (default: the planner's)."),
+    scenarios: int = typer.Option(None, help="Use only the first N scenarios of the split's seeded "
+                                  "order (each then gets about episodes / N episodes)."),
+    end_at_sentence: bool = typer.Option(False, help="Replies cut off by --max-new-tokens end at "
+                                         "their last complete sentence."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     backend: str = BACKEND_OPTION,
     terminal_states: bool = typer.Option(
@@ -178,7 +197,11 @@ def collect(
                         explore_directions=explore_directions, batch_size=batch_size,
                         rounds=rounds, max_new_tokens=max_new_tokens,
                         temperature=temperature, split=split, seed=seed, act_norm=act_norm,
-                        device=device, terminal_states=terminal_states)
+                        device=device, terminal_states=terminal_states, action=action,
+                        layer=layer, residual_scale=residual_scale,
+                        residual_positions=residual_positions, action_dim=action_dim,
+                        n_tokens=n_tokens, position=position, scenarios=scenarios,
+                        end_at_sentence=end_at_sentence)
     if use_ray or num_workers or address:
         from dat.distributed import RayConfig, collect_ray
 
@@ -231,6 +254,10 @@ def clone_cmd(
     n_tokens: int = typer.Option(2, help="Number of action tokens L."),
     position: str = typer.Option("prefix", help="prefix | infix | suffix"),
     act_norm: float = typer.Option(1.0, help="L2 norm of the planner's actions."),
+    action: str = ACTION_OPTION,
+    layer: int = LAYER_OPTION,
+    residual_scale: float = SCALE_OPTION,
+    residual_positions: str = RESIDUAL_POSITIONS_OPTION,
     epochs: int = typer.Option(3, help="Passes over the corpus."),
     batch_size: int = typer.Option(8, help="Examples per forward/backward pass."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
@@ -245,7 +272,10 @@ def clone_cmd(
     def go():
         lm = SteeredLM.from_pretrained(model, device=device)
         cfg = CloneConfig(action_dim=action_dim, n_tokens=n_tokens, position=position, act_norm=act_norm,
-                          epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed)
+                          epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed,
+                          action=action, layer=layer, residual_scale=residual_scale,
+                          residual_positions=residual_positions)
+        cfg.validate()
         return clone(lm, corpus, out, cfg)
 
     _run(go)
@@ -278,7 +308,7 @@ def train_cmd(
             from dat.collect import load_policy
 
             lm = SteeredLM.from_pretrained(model, device="cpu")
-            _, up = load_policy(lm, None, up_mapping)
+            up = load_policy(lm, None, up_mapping).up
         elif init:
             from dat.planner import UP_MAPPING_DIR, UpMapping
 
@@ -383,23 +413,81 @@ def directions(
 
 
 @app.command()
+def probe(
+    env: str = typer.Option("taboo", help="Setting: taboo | social | redteam."),
+    data: str = typer.Option(None, help="Setting data (Sotopia folder / HarmBench CSV)."),
+    judge: str = typer.Option(None, help="Judge spec (default: the setting's)."),
+    model: str = typer.Option("default"),
+    action: str = typer.Option("residual", help="residual | tokens"),
+    layer: int = typer.Option(15, help="Residual: decoder layer whose output gets the vector."),
+    residual_scale: float = typer.Option(0.15, help="Residual: vector norm / median residual norm."),
+    position: str = typer.Option("prefix", help="Tokens: prefix | infix | suffix."),
+    n_tokens: int = typer.Option(2, help="Tokens: number of action tokens."),
+    act_norm: float = typer.Option(1.0, help="Action norm (tokens: x the median embedding norm)."),
+    action_dim: int = typer.Option(64, help="Action size d' (PCA components)."),
+    directions: int = typer.Option(8, help="Random directions K."),
+    scenarios: int = typer.Option(16, help="Train scenarios N (raised to be coprime to K)."),
+    rounds: int = typer.Option(1, help="Rounds per episode."),
+    max_new_tokens: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    json_out: str = typer.Option(None, "--json", help="Also write the numbers to this file."),
+) -> None:
+    """Before a long collection: does this action space move the setting's text and reward?
+    Split-half reliability of K random directions over N scenarios (a few minutes on a CPU)."""
+    import json
+
+    from dat.agent import ActionSpace
+    from dat.collect import make_setting
+    from dat.fileio import finite
+    from dat.probe import ProbeConfig, format_probe
+    from dat.probe import probe as run_probe
+
+    def go():
+        space = ActionSpace(kind=action, action_dim=action_dim, act_norm=act_norm,
+                            n_tokens=n_tokens, position=position, layer=layer,
+                            scale=residual_scale)
+        pcfg = ProbeConfig(directions=directions, scenarios=scenarios, rounds=rounds,
+                           max_new_tokens=max_new_tokens, seed=seed)
+        space.validate()
+        pcfg.validate()
+        lm = _load_lm(model, "hf", device)
+        res = run_probe(lm, make_setting(env, data, judge, lm, rounds), space, pcfg)
+        print(format_probe(res))
+        if json_out:
+            Path(json_out).write_text(json.dumps(finite(res), indent=2) + "\n")
+
+    _run(go)
+
+
+@app.command()
 def quickstart(
     out: str = typer.Option("runs/quickstart", help="Folder for every step's output and the report."),
     tiny: bool = typer.Option(False, help="A few episodes: the whole pipeline in minutes."),
-    start: str = typer.Option("pca", help="Where RL starts: pca (random directions through the "
-                              "PCA up-mapping, planner from scratch) | self-clone (noise around "
-                              "the self-clone). See docs/quickstart.md."),
+    action: str = typer.Option("residual", help="Action kind of the main DAT: residual (a vector "
+                               "added after --layer) | tokens (the paper's prefix tokens)."),
+    layer: int = typer.Option(15, help="Residual actions: decoder layer whose output gets the vector."),
+    residual_scale: float = typer.Option(0.15, help="Residual actions: vector norm relative to the "
+                                         "layer's median residual norm."),
+    iterations: int = typer.Option(1, help="Rounds of iterated DAT (explore around the planner, "
+                                   "train again)."),
+    compare_tokens: bool = typer.Option(True, help="Also train and evaluate the paper's prefix-token DAT."),
+    per_scenario: bool = typer.Option(True, help="Also the paper's per-scenario protocol."),
+    self_clone: bool = typer.Option(False, help="Also collect a corpus and evaluate the self-clone."),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     backend: str = BACKEND_OPTION,
 ) -> None:
-    """The whole pipeline on the default model and `taboo`: corpus, self-clone, exploration,
-    TD3+BC, evaluation on held-out topics. Re-running resumes."""
+    """The whole pipeline on the default model and `taboo`: exploration, TD3+BC, evaluation on
+    held-out topics against the unsteered agent (and the paper's prefix tokens and per-scenario
+    protocol). Re-running resumes."""
     from dat.quickstart import QuickstartConfig
     from dat.quickstart import quickstart as run_quickstart
 
-    _run(lambda: run_quickstart(QuickstartConfig(out=out, tiny=tiny, start=start, device=device,
-                                                 seed=seed, backend=backend)))
+    _run(lambda: run_quickstart(QuickstartConfig(
+        out=out, tiny=tiny, action=action, layer=layer, residual_scale=residual_scale,
+        iterations=iterations, compare_tokens=compare_tokens, per_scenario=per_scenario,
+        self_clone=self_clone, device=device, seed=seed, backend=backend)))
 
 
 def main() -> None:  # pragma: no cover

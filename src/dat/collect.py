@@ -63,6 +63,7 @@ class CollectConfig:
     max_new_tokens: int = 48
     temperature: float = 0.0
     split: str = "train"
+    scenarios: int | None = None  # N: only the first N scenarios of the split's seeded order
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -116,6 +117,8 @@ def check_collect_values(cfg: CollectConfig) -> None:
         raise DatError(f"--noise must be a finite number >= 0, got {cfg.noise}.")
     if cfg.explore_directions < 0:
         raise DatError(f"--explore-directions must be >= 0, got {cfg.explore_directions}.")
+    if cfg.scenarios is not None and cfg.scenarios < 1:
+        raise DatError(f"--scenarios must be >= 1, got {cfg.scenarios}.")
     if cfg.temperature < 0:
         raise DatError(f"--temperature must be >= 0, got {cfg.temperature}.")
     action_space(cfg).validate()
@@ -218,7 +221,8 @@ class Collector:
         done = self.writer.refresh()
         wanted = set(range(self.cfg.episodes)) if episode_ids is None else set(map(int, episode_ids))
         # episode i always gets the same scenario, whatever the number of episodes
-        jobs = episode_jobs(self.setting, max(wanted, default=-1) + 1, self.cfg.split, self.cfg.seed)
+        jobs = episode_jobs(self.setting, max(wanted, default=-1) + 1, self.cfg.split, self.cfg.seed,
+                            scenarios=self.cfg.scenarios)
         return [j for j in jobs if j[0] in wanted and j[0] not in done]
 
     def run(self, jobs, on_done=None, rollout: Rollout | None = None) -> dict:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dat.agent import Agent
+from dat.agent import SCENARIOS_INDEX, Agent, ScenarioAgents
 from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
 from dat.errors import DatError
 from dat.fileio import atomic_write_text, finite
@@ -358,6 +358,8 @@ class AgentSpec:
         d = self.planner_dir()
         if d is None:
             raise DatError(f"AgentSpec.planner must be a folder or a Planner, got {type(self.planner).__name__}.")
+        if ScenarioAgents.is_folder(d):
+            return ScenarioAgents.load(d, lm).to(lm.device)
         if not (d / CONFIG_NAME).is_file():
             raise DatError(f"{d}: not a planner folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}, "
                            "written by `dat clone` or `dat train`).")
@@ -384,8 +386,13 @@ class AgentSpec:
         for root in (self.planner_dir(), Path(self.up_mapping) if self.up_mapping else None):
             if root is None:
                 continue
-            for rel in (CONFIG_NAME, WEIGHTS_NAME, f"{UP_MAPPING_DIR}/{CONFIG_NAME}",
-                        f"{UP_MAPPING_DIR}/{WEIGHTS_NAME}"):
+            rels = [CONFIG_NAME, WEIGHTS_NAME, f"{UP_MAPPING_DIR}/{CONFIG_NAME}",
+                    f"{UP_MAPPING_DIR}/{WEIGHTS_NAME}"]
+            if ScenarioAgents.is_folder(root):
+                rels = [SCENARIOS_INDEX] + sorted(str(p.relative_to(root)) for p in
+                                                  (root / "scenarios").rglob("*.*") if p.is_file()
+                                                  and "checkpoints" not in p.parts)
+            for rel in rels:
                 if (root / rel).is_file():
                     h.update(rel.encode())
                     h.update(hashlib.sha256((root / rel).read_bytes()).digest())
@@ -544,6 +551,9 @@ def check_split(agent: str, spec: AgentSpec, setting: Setting, split: str,
     d = spec.planner_dir()
     if d is None:
         return {"status": "not-applicable"}
+    if ScenarioAgents.is_folder(d):  # the paper's protocol: tested on its own scenarios
+        ScenarioAgents.load(d).check_scenarios(test_ids)
+        return {"status": "per-scenario", "note": "trained and tested on the same scenarios"}
     ids, name, sources = training_scenarios(d)
     if ids is None:
         log.warning("%s: %s records no training scenarios (no %s, no td3bc.json/clone.json naming "
@@ -837,6 +847,62 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
     return results
 
 
+@dataclass
+class GainCriteria:
+    """What "DAT beats the unsteered agent" means (defaults: the paper's +11 %, 3.24 -> 3.59)."""
+
+    min_relative_gain: float = 0.11
+    max_perplexity_ratio: float = 1.5  # perplexity under the model vs the baseline's
+    min_distinct2_ratio: float = 0.8
+    ci_above_zero: bool = True  # the paired CI of the difference excludes 0
+
+
+def gain_check(results: dict, agent: str, criteria: GainCriteria | None = None) -> dict:
+    """Each criterion of ``criteria`` for ``agent`` against the results' baseline: values,
+    pass/fail, and ``passed`` (all of them)."""
+    c = criteria or GainCriteria()
+    base_name = results.get("baseline")
+    if base_name is None or agent not in results["agents"]:
+        raise DatError(f"gain_check: need a baseline and agent {agent!r} in the results.")
+    a, b = results["agents"][agent], results["agents"][base_name]
+    diff = a["diff_vs_baseline"] or {}
+    base_mean = (b["reward"] or {}).get("mean")
+    rel = diff.get("mean") / base_mean if base_mean and diff.get("mean") is not None else None
+    la, lb = a["language"], b["language"]
+
+    def ratio(key):
+        return la[key] / lb[key] if la.get(key) is not None and lb.get(key) else None
+
+    ci = diff.get("ci") or [None, None]
+    checks = {
+        "ci_above_zero": {"value": ci, "ok": ci[0] is not None and ci[0] > 0 or not c.ci_above_zero},
+        "relative_gain": {"value": rel, "ok": rel is not None and rel >= c.min_relative_gain},
+        "perplexity_ratio": {"value": ratio("perplexity"),
+                             "ok": ratio("perplexity") is not None
+                             and ratio("perplexity") <= c.max_perplexity_ratio},
+        "distinct2_ratio": {"value": ratio("distinct_2"),
+                            "ok": ratio("distinct_2") is not None
+                            and ratio("distinct_2") >= c.min_distinct2_ratio},
+        "empty_replies": {"value": [la.get("empty_share"), lb.get("empty_share")],
+                          "ok": (la.get("empty_share") or 0) <= (lb.get("empty_share") or 0)},
+    }
+    return {"agent": agent, "baseline": base_name, "criteria": asdict(c), "checks": checks,
+            "passed": all(v["ok"] for v in checks.values())}
+
+
+def format_gain_check(check: dict) -> str:
+    """One line per criterion, then the verdict."""
+    def f(x):
+        if isinstance(x, list):
+            return "[" + ", ".join("-" if v is None else f"{v:.3g}" for v in x) + "]"
+        return "-" if x is None else f"{x:.3g}"
+
+    lines = [f"  {'ok ' if v['ok'] else 'NO '} {k}: {f(v['value'])}" for k, v in check["checks"].items()]
+    verdict = (f"{check['agent']} beats {check['baseline']} on every criterion" if check["passed"]
+               else f"{check['agent']} does not beat {check['baseline']} on every criterion")
+    return "\n".join(lines + [verdict])
+
+
 def format_table(results: dict) -> str:
     """The main Markdown table of :func:`evaluate`'s results (see :mod:`dat.report`)."""
     from dat.report import format_table as _ft
@@ -845,7 +911,7 @@ def format_table(results: dict) -> str:
 
 
 __all__ = [
-    "AgentSpec", "agent_metrics", "attack_success_rate", "bootstrap_ci", "bootstrap_means",
+    "AgentSpec", "GainCriteria", "agent_metrics", "format_gain_check", "gain_check", "attack_success_rate", "bootstrap_ci", "bootstrap_means",
     "check_split", "distinct_n", "evaluate", "format_table", "is_empty", "language_quality",
     "mean_se", "paired_difference", "perplexity", "summarize", "training_scenarios",
     "wilson_interval", "words", "write_training_meta",

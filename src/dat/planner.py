@@ -69,6 +69,7 @@ class UpMappingConfig:
     residual_positions: str = "reply"  # residual: "reply" | "all" (dat.steer.ResidualAt)
     relative_scale: float | None = None  # residual: vector norm / median residual norm
     residual_norm: float | None = None  # residual: median residual norm measured at the layer
+    basis: str = "pca"  # fixed up-mappings: "pca" (top components) | "random" (seeded orthonormal)
 
 
 class _Pretrained(nn.Module):
@@ -223,9 +224,12 @@ class UpMapping(_Pretrained):
     @classmethod
     def from_residual_pca(cls, lm, layer: int, dialogues, action_dim: int = 64,
                           act_norm: float = 1.0, relative_scale: float = 0.15,
-                          positions: str = "reply") -> UpMapping:
+                          positions: str = "reply", basis: str = "pca",
+                          seed: int = 0) -> UpMapping:
         """Top ``action_dim`` principal components of layer ``layer``'s outputs over the prompts
-        ``dialogues`` (each prompt's first token, an attention sink of outsized norm, left out)."""
+        ``dialogues`` (each prompt's first token, an attention sink of outsized norm, left out).
+        ``basis="random"``: a seeded random orthonormal basis of the whole hidden space
+        instead (the residual norm is still measured on ``dialogues``)."""
         acts = residual_activations(lm, layer, dialogues)
         if action_dim > acts.shape[1]:
             raise DatError(f"a residual PCA of {action_dim} components needs hidden size >= "
@@ -236,7 +240,15 @@ class UpMapping(_Pretrained):
         norm = float(acts.norm(dim=-1).median())
         m = cls(_residual_config(lm, "pca", layer, action_dim, act_norm, relative_scale,
                                  positions, norm))
-        m.components.copy_(embedding_pca(acts, action_dim))
+        if basis == "random":
+            g = torch.Generator().manual_seed(seed)
+            q, _ = torch.linalg.qr(torch.randn(acts.shape[1], action_dim, generator=g))
+            m.components.copy_(q.T.contiguous())
+        elif basis == "pca":
+            m.components.copy_(embedding_pca(acts, action_dim))
+        else:
+            raise DatError(f"basis must be 'pca' or 'random', got {basis!r}.")
+        m.config.basis = basis
         return m
 
     @property

@@ -1,17 +1,22 @@
 """``dat quickstart``: the whole DAT pipeline on the embedded default model and ``taboo``.
 
-1. collect an unsteered corpus on the train topics;
-2. self-clone it (planner + learned up-mapping; a baseline, and the starting agent with
-   ``start="self-clone"``);
-3. collect an exploration buffer: by default ``explore_directions`` random directions through
-   the PCA up-mapping, each held for whole episodes and tried on many topics
-   (``start="pca"``); or Gaussian noise around the self-clone (``start="self-clone"``);
-4. train the planner with TD3+BC (from scratch on the PCA up-mapping, or from the self-clone);
-5. evaluate unsteered vs self-clone vs DAT on the held-out test topics (paired).
+1. exploration buffer: ``explore_directions`` random directions through the fixed PCA
+   up-mapping of the chosen action kind (default: residual-stream actions after layer 15),
+   each held for whole episodes and tried on many of ``explore_scenarios`` train topics;
+2. TD3+BC: one planner across those topics (from scratch on the PCA up-mapping);
+3. optionally ``iterations - 1`` more rounds of iterated DAT: explore with Gaussian noise
+   around the last planner, train again from it on everything collected so far;
+4. evaluation on the held-out test topics: unsteered vs DAT, paired;
+5. the paper's input-embedding prefix tokens as a second DAT, on the same test episodes
+   (``compare_tokens``);
+6. the paper's protocol (``per_scenario``): one planner per explored topic, trained and
+   evaluated on the same topics, paired with the unsteered agent there;
+7. (``self_clone``) the unsteered corpus and the self-clone, as one more baseline.
 
 Every step writes into its own sub-folder of ``--out`` and resumes when run again, so an
-interrupted quickstart picks up where it stopped. The choices below (episodes, noise, α,
-learning rates) are documented in ``docs/quickstart.md`` with the measurements behind them.
+interrupted quickstart picks up where it stopped. The choices (action kind, layer, scale,
+episodes, alpha, learning rates) are in ``docs/quickstart.md`` with the measurements behind
+them.
 """
 
 from __future__ import annotations
@@ -38,26 +43,34 @@ class QuickstartConfig:
     max_new_tokens: int = 32
     batch_size: int = 32
     eval_batch_size: int = 64  # all 57 test topics in one lock-step batch
-    corpus_episodes: int = 64
     explore_episodes: int = 256
-    explore_directions: int = 16  # start="pca": K held directions, each on explore_episodes / K topics
+    explore_directions: int = 16  # K held directions, each on explore_episodes / K topics
+    explore_scenarios: int = 63  # N train topics (N coprime to K: a topic sees distinct directions)
     eval_episodes: int | None = None  # None: one per held-out test topic
+    action: str = "residual"  # "residual" | "tokens" (the paper's prefix tokens)
     action_dim: int = 64
-    action: str = "residual"  # "residual" | "tokens" (the paper's prefix tokens) — docs/quickstart.md
     layer: int = 15  # residual: decoder layer (of 30) whose output gets the action vector
     residual_scale: float = 0.15  # residual: vector norm / the layer's median residual norm
     residual_positions: str = "reply"
-    end_at_sentence: bool = True  # replies cut at max_new_tokens end at their last full sentence
-    n_tokens: int = 2
-    position: str = "prefix"
+    n_tokens: int = 2  # tokens
+    position: str = "prefix"  # tokens
     act_norm: float = 1.0
-    noise: float = 0.5  # start="self-clone": exploration sigma around the self-clone's action
-    start: str = "pca"  # "pca" (from scratch) | "self-clone" — see docs/quickstart.md
+    end_at_sentence: bool = True  # replies cut at max_new_tokens end at their last full sentence
+    td3bc: dict = field(default_factory=lambda: {"alpha": 2.5, "epochs": 30, "actor_lr": 3e-4,
+                                                 "critic_lr": 3e-4, "batch_size": 256})
+    iterations: int = 1  # > 1: iterated DAT (explore around the planner, train again)
+    iterate_noise: float = 0.5  # exploration sigma around the planner in later iterations
+    iterate_episodes: int = 128
+    compare_tokens: bool = True  # also the paper's prefix-token DAT on the same test episodes
+    tokens_explore_episodes: int = 128
+    per_scenario: bool = True  # also the paper's protocol: a planner per topic, tested on it
+    per_scenario_eval: int = 32  # explored topics the per-scenario planners are evaluated on
+    per_scenario_alpha: float = 0.0  # the reference implementation's default (pure TD3)
+    self_clone: bool = False  # also the unsteered corpus and the self-clone baseline
+    corpus_episodes: int = 64
     clone_epochs: int = 1
     clone_examples: int = 128  # utterances the self-clone trains on (a seeded subset)
     clone_lr: float = 3e-4
-    td3bc: dict = field(default_factory=lambda: {"alpha": 2.5, "epochs": 30, "actor_lr": 3e-4,
-                                                 "critic_lr": 3e-4, "batch_size": 256})
     seed: int = 0
     tiny: bool = False
 
@@ -65,25 +78,51 @@ class QuickstartConfig:
         """A few episodes and tokens: the pipeline end to end in minutes (for tests)."""
         self.rounds, self.max_new_tokens, self.batch_size = 1, 8, 4
         self.corpus_episodes, self.explore_episodes, self.eval_episodes = 6, 8, 4
-        self.eval_batch_size, self.explore_directions = 4, 4
+        self.eval_batch_size, self.explore_directions, self.explore_scenarios = 4, 4, 3
+        self.tokens_explore_episodes, self.iterate_episodes, self.per_scenario_eval = 8, 4, 2
         self.action_dim, self.clone_epochs, self.clone_examples = 16, 1, 16
         self.td3bc = {**self.td3bc, "epochs": 2, "batch_size": 4}
+        self.self_clone, self.iterations = True, 2  # every step runs, each action kind included
         return self
+
+    def validate(self) -> None:
+        self.action_space(self.action).validate()
+        for name in ("rounds", "max_new_tokens", "batch_size", "eval_batch_size",
+                     "explore_episodes", "explore_directions", "explore_scenarios", "iterations",
+                     "tokens_explore_episodes", "per_scenario_eval", "corpus_episodes"):
+            if int(getattr(self, name)) < 1:
+                raise DatError(f"quickstart: {name} must be >= 1, got {getattr(self, name)}.")
+        if self.per_scenario and self.per_scenario_eval > self.explore_scenarios:
+            raise DatError(f"quickstart: per_scenario_eval ({self.per_scenario_eval}) must be at "
+                           f"most explore_scenarios ({self.explore_scenarios}).")
+
+    def action_space(self, kind: str):
+        from dat.agent import ActionSpace
+
+        return ActionSpace(kind=kind, action_dim=self.action_dim, act_norm=self.act_norm,
+                           n_tokens=self.n_tokens, position=self.position, layer=self.layer,
+                           scale=self.residual_scale, residual_positions=self.residual_positions)
+
+    def action_options(self, kind: str) -> dict:
+        """The CollectConfig fields of a fixed up-mapping of ``kind``."""
+        return {"action": kind, "action_dim": self.action_dim, "n_tokens": self.n_tokens,
+                "act_norm": self.act_norm, "layer": self.layer,
+                "residual_scale": self.residual_scale,
+                "residual_positions": self.residual_positions,
+                "position": self.position if kind == "tokens" else None}
 
 
 def quickstart(cfg: QuickstartConfig) -> dict:
     from dat.backends import check_backend, make_lm
-    from dat.clone import CloneConfig, clone
     from dat.collect import CollectConfig, collect, make_setting
-    from dat.evaluate import AgentSpec, evaluate, format_table
+    from dat.evaluate import AgentSpec, evaluate, format_gain_check, format_table, gain_check
     from dat.rollout import RolloutConfig
     from dat.td3bc import TD3BCConfig, train_from_buffer
 
     if cfg.tiny:
         cfg.shrink()
+    cfg.validate()
     check_backend(cfg.backend)
-    if cfg.start not in ("pca", "self-clone"):
-        raise DatError(f"start must be 'pca' or 'self-clone', got {cfg.start!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quickstart.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -95,72 +134,115 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         times[name] = time.perf_counter()
 
     def done(name: str):
-        times[name] = time.perf_counter() - times[name]
+        times[name] = round(time.perf_counter() - times[name], 1)
 
     lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device)
     setting = make_setting("taboo", None, None, lm, cfg.rounds)
     common = dict(model=cfg.model, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
-                  end_at_sentence=cfg.end_at_sentence)
-    action = dict(action=cfg.action, layer=cfg.layer, residual_scale=cfg.residual_scale,
-                  residual_positions=cfg.residual_positions)
+                  end_at_sentence=cfg.end_at_sentence, scenarios=cfg.explore_scenarios)
 
-    step("1. unsteered corpus")
-    corpus = out / "corpus"
-    collect(CollectConfig(out=str(corpus), episodes=cfg.corpus_episodes, **common), lm=lm, setting=setting)
-    done("1. unsteered corpus")
+    def td3(buffer: Path, dat_dir: Path, init=None, **over):
+        tcfg = TD3BCConfig(**{**cfg.td3bc, "seed": cfg.seed, "log_dir": str(dat_dir / "logs"),
+                              "act_norm": cfg.act_norm, "position": cfg.position, **over})
+        return train_from_buffer(buffer, dat_dir, tcfg, init=init)
 
-    step("2. self-clone")
-    clone_dir = out / "self-clone"
-    ccfg = CloneConfig(action_dim=cfg.action_dim, n_tokens=cfg.n_tokens, position=cfg.position,
-                       act_norm=cfg.act_norm, epochs=cfg.clone_epochs, lr=cfg.clone_lr, seed=cfg.seed,
-                       max_examples=cfg.clone_examples, fidelity_examples=64,
-                       fidelity_generate=8 if cfg.tiny else 16,
-                       fidelity_max_new_tokens=cfg.max_new_tokens, fidelity_reference=False,
-                       **action)
-    cloned = clone(lm, corpus, clone_dir, ccfg)
-    done("2. self-clone")
+    def explore_and_train(kind: str, folder: str, episodes: int) -> Path:
+        """Held random directions through the fixed PCA of ``kind``, then TD3+BC."""
+        step(f"explore ({kind})")
+        explore = out / f"explore-{folder}"
+        collect(CollectConfig(out=str(explore), episodes=episodes, up_mapping="pca",
+                              explore_directions=cfg.explore_directions,
+                              **cfg.action_options(kind), **common), lm=lm, setting=setting)
+        done(f"explore ({kind})")
+        step(f"TD3+BC ({kind})")
+        dat_dir = out / f"dat-{folder}"
+        td3(explore, dat_dir)
+        done(f"TD3+BC ({kind})")
+        return explore
 
-    step("3. exploration buffer")
-    explore = out / "explore"
-    if cfg.start == "pca":  # random directions through the PCA up-mapping, no planner
-        policy = {"up_mapping": "pca", "explore_directions": cfg.explore_directions,
-                  "action_dim": cfg.action_dim, "n_tokens": cfg.n_tokens,
-                  "act_norm": cfg.act_norm, **action,
-                  "position": cfg.position if cfg.action == "tokens" else None}
-    else:  # Gaussian noise around the self-clone's actions
-        policy = {"planner": str(clone_dir), "noise": cfg.noise}
-    collect(CollectConfig(out=str(explore), episodes=cfg.explore_episodes, **policy, **common),
-            lm=lm, setting=setting)
-    done("3. exploration buffer")
+    # -- the main agent
+    explore = explore_and_train(cfg.action, cfg.action, cfg.explore_episodes)
+    dat_dir = out / f"dat-{cfg.action}"
+    for it in range(2, cfg.iterations + 1):  # iterated DAT
+        name = f"iteration {it}"
+        step(name)
+        more = out / f"explore-{cfg.action}-it{it}"
+        collect(CollectConfig(out=str(more), episodes=cfg.iterate_episodes, planner=str(dat_dir),
+                              noise=cfg.iterate_noise, **{**common, "seed": cfg.seed + it}),
+                lm=lm, setting=setting)
+        previous, dat_dir = dat_dir, out / f"dat-{cfg.action}-it{it}"
+        td3(more, dat_dir, init=str(previous))
+        done(name)
 
-    step("4. TD3+BC")
-    dat_dir = out / "dat"
-    tcfg = TD3BCConfig(**{**cfg.td3bc, "seed": cfg.seed, "log_dir": str(dat_dir / "logs"),
-                          "act_norm": cfg.act_norm, "position": cfg.position})
-    if cfg.start == "pca":  # the fixed up-mapping the exploration used (saved in its folder)
-        init, up = None, None
-    else:
-        from dat.agent import Agent
+    agents = {"unsteered": AgentSpec(), "DAT": AgentSpec.from_dir(dat_dir)}
+    if cfg.iterations > 1:
+        agents["DAT (1 iteration)"] = AgentSpec.from_dir(out / f"dat-{cfg.action}")
+    if cfg.compare_tokens and cfg.action != "tokens":
+        explore_and_train("tokens", "tokens", cfg.tokens_explore_episodes)
+        agents["DAT, prefix tokens (paper)"] = AgentSpec.from_dir(out / "dat-tokens")
+    if cfg.self_clone:
+        agents["self-clone"] = AgentSpec.from_dir(_self_clone(cfg, lm, setting, common, out,
+                                                              step, done))
 
-        init = str(clone_dir)
-        up = Agent.load(clone_dir, lm=lm).up
-    train_from_buffer(explore, dat_dir, tcfg, init=init, up_mapping=up)
-    done("4. TD3+BC")
-
-    step("5. evaluation on held-out test topics")
-    agents = {"unsteered": AgentSpec(), "self-clone": AgentSpec.from_dir(clone_dir),
-              "DAT": AgentSpec.from_dir(dat_dir)}
-    rcfg = RolloutConfig(batch_size=cfg.eval_batch_size, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
-                         seed=cfg.seed, end_at_sentence=cfg.end_at_sentence)
+    step("evaluation on held-out test topics")
+    rcfg = RolloutConfig(batch_size=cfg.eval_batch_size, rounds=cfg.rounds,
+                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                         end_at_sentence=cfg.end_at_sentence)
     results = evaluate(lm, setting, agents, cfg.eval_episodes, split="test", seed=cfg.seed,
                        config=rcfg, out_dir=out / "report")
-    done("5. evaluation on held-out test topics")
+    done("evaluation on held-out test topics")
+    check = gain_check(results, "DAT")
 
-    results["quickstart"] = {"config": asdict(cfg), "seconds": times,
-                             "total_seconds": time.perf_counter() - t_all,
-                             "clone_fidelity": getattr(cloned, "fidelity", None)}
-    (out / "report" / "quickstart.json").write_text(json.dumps(results["quickstart"], indent=2, default=str))
+    per = None
+    if cfg.per_scenario:
+        step("per-scenario protocol")
+        per_dir = out / f"dat-{cfg.action}-per-scenario"
+        td3(explore, per_dir, per_scenario=True, alpha=cfg.per_scenario_alpha)
+        per = evaluate(lm, setting, {"unsteered": AgentSpec(),
+                                     "DAT per scenario": AgentSpec.from_dir(per_dir)},
+                       cfg.per_scenario_eval, split="train", seed=cfg.seed, config=rcfg,
+                       out_dir=out / "report-per-scenario")
+        done("per-scenario protocol")
+
+    summary = {"config": asdict(cfg), "seconds": times,
+               "total_seconds": round(time.perf_counter() - t_all, 1), "gain_check": check}
+    if per is not None:
+        summary["per_scenario"] = {k: {"reward": v["reward"], "diff_vs_baseline": v["diff_vs_baseline"]}
+                                   for k, v in per["agents"].items()}
+    results["quickstart"] = summary
+    (out / "report" / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.rule("[bold]held-out test topics")
     print(format_table(results))
+    if per is not None:
+        console.rule("[bold]per-scenario protocol (trained and tested on the same train topics)")
+        print(format_table(per))
+    console.rule("[bold]does DAT beat the unsteered agent on held-out topics?")
+    print(format_gain_check(check))
     console.print(f"report: {out / 'report' / 'results.md'}  samples: {out / 'report' / 'samples.html'}")
     return results
+
+
+def _self_clone(cfg: QuickstartConfig, lm, setting, common: dict, out: Path, step, done) -> Path:
+    """The unsteered corpus and the self-clone of the main action kind; returns its folder."""
+    from dat.clone import CloneConfig, clone
+    from dat.collect import CollectConfig, collect
+
+    step("unsteered corpus")
+    corpus = out / "corpus"
+    collect(CollectConfig(out=str(corpus), episodes=cfg.corpus_episodes, **common), lm=lm,
+            setting=setting)
+    done("unsteered corpus")
+    step("self-clone")
+    clone_dir = out / "self-clone"
+    a = cfg.action_options(cfg.action)
+    ccfg = CloneConfig(action_dim=cfg.action_dim, n_tokens=cfg.n_tokens, position=cfg.position,
+                       act_norm=cfg.act_norm, epochs=cfg.clone_epochs, lr=cfg.clone_lr,
+                       seed=cfg.seed, max_examples=cfg.clone_examples, fidelity_examples=64,
+                       fidelity_generate=8 if cfg.tiny else 16,
+                       fidelity_max_new_tokens=cfg.max_new_tokens, fidelity_reference=False,
+                       action=a["action"], layer=a["layer"], residual_scale=a["residual_scale"],
+                       residual_positions=a["residual_positions"])
+    clone(lm, corpus, clone_dir, ccfg)
+    done("self-clone")
+    return clone_dir

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dat.agent import Agent
+from dat.agent import Agent, ScenarioAgents
 from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
 from dat.errors import DatError
 from dat.kvcache import PrefixCache
@@ -133,7 +133,7 @@ class Rollout:
             raise DatError("A planner needs an up-mapping (a learned one from `dat clone`, or PCA).")
         if agent is None and up_mapping is not None:
             agent = Agent(up_mapping, planner, position=self.cfg.position, act_norm=self.cfg.act_norm)
-        elif agent is not None and (self.cfg.position or self.cfg.act_norm):  # overrides
+        elif isinstance(agent, Agent) and (self.cfg.position or self.cfg.act_norm):  # overrides
             agent = Agent(agent.up, agent.planner, position=self.cfg.position,
                           act_norm=self.cfg.act_norm or agent.act_norm)
         self.agent = agent
@@ -155,7 +155,8 @@ class Rollout:
         if self.agent is None:
             return None
         eps = torch.stack([self._noise(s.episode.episode_id, len(s.actions)) for s in slots])
-        a = self.agent.act(states, noise=self.cfg.noise, eps=eps)
+        a = self.agent.act(states, noise=self.cfg.noise, eps=eps,
+                           scenario_ids=[s.episode.scenario.id for s in slots])
         for s, row in zip(slots, a):
             s.actions.append(row.float().cpu())
         return a
@@ -277,6 +278,8 @@ class Rollout:
         """Run ``(episode_id, scenario)`` jobs; ``on_done`` gets each group of finished episodes
         as soon as they end (for writing shards and progress). Returns all of them."""
         queue = list(jobs)[::-1]
+        if isinstance(self.agent, ScenarioAgents):  # fail before any episode runs
+            self.agent.check_scenarios([scn.id for _, scn in queue])
         active: list[_Slot] = []
         results: list[RolloutEpisode] = []
         while queue or active:
@@ -324,14 +327,19 @@ def last_sentence_end(text: str) -> str:
 
 
 def episode_jobs(setting: Setting, n: int, split: str = "train", seed: int = 0,
-                 start: int = 0) -> list[tuple[int, Scenario]]:
+                 start: int = 0, scenarios: int | None = None) -> list[tuple[int, Scenario]]:
     """Episode ids ``start .. start + n - 1`` cycling over the split's scenarios in a seeded
-    order, so the same id always gets the same scenario."""
-    scenarios = setting.scenarios(split)
-    if not scenarios:
+    order, so the same id always gets the same scenario. ``scenarios = N``: cycle over the
+    first ``N`` of that order only (each scenario then gets about ``n / N`` episodes; the
+    first ``k <= N`` episodes of any run with the same seed are on the same scenarios)."""
+    pool = setting.scenarios(split)
+    if not pool:
         raise DatError(f"Setting {setting.name!r} has no scenarios in split {split!r}.")
-    order = torch.randperm(len(scenarios), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [(i, scenarios[order[i % len(scenarios)]]) for i in range(start, start + n)]
+    if scenarios is not None and not 1 <= scenarios:
+        raise DatError(f"scenarios must be >= 1, got {scenarios}.")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = order[:scenarios] if scenarios else order
+    return [(i, pool[order[i % len(order)]]) for i in range(start, start + n)]
 
 
 class Throughput:

@@ -359,6 +359,8 @@ class SteeredLM:
         if steer is None:
             yield
             return
+        if self._blockwise_head is None:  # its one-off check runs a forward: not under the hook
+            self._blockwise_head = self._head_is_blockwise()
 
         def add(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output

@@ -721,8 +721,8 @@ def _make_actor(init, up_mapping: UpMapping | None, data: TransitionDataset,
     elif init is not None:
         d = Path(init)
         if (d / "up_mapping").is_dir():
-            agent = Agent.load(d)
-            planner, up = agent.planner, agent.up
+            agent = Agent.load(d)  # loaded for inference: the planner is trained again here
+            planner, up = agent.planner.train().requires_grad_(True), agent.up
         else:
             planner, up = Planner.from_pretrained(d), None
         up = up_mapping if up_mapping is not None else up
