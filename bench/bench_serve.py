@@ -43,11 +43,12 @@ def free_port() -> int:
 
 
 def make_random_agent(directory: str) -> str:
-    from dat.planner import Planner, UpMapping, save_agent
+    from dat.agent import Agent
+    from dat.planner import Planner, UpMapping
     from dat.steer import SteeredLM
 
     lm = SteeredLM.from_pretrained("default")
-    return str(save_agent(directory, Planner.for_model(lm), UpMapping.from_embedding_pca(lm, 64, 2)))
+    return str(Agent(UpMapping.from_embedding_pca(lm, 64, 2), Planner.for_model(lm)).save(directory))
 
 
 def start_server(args, planner: str | None, log_path: str):

@@ -17,7 +17,7 @@ from dat.buffer import Buffer, BufferWriter, EpisodeRecord
 from dat.clone import CloneConfig, CloneExample
 from dat.envs.base import Episode, Scenario, Turn
 from dat.errors import DatError
-from dat.planner import load_agent
+from dat.agent import Agent
 
 SYSTEMS = [f"Reply with one short sentence about {x}."
            for x in ("the sea", "bread", "music", "trees")]
@@ -177,7 +177,8 @@ def test_self_clone_reduces_the_loss(trained):
 
 def test_saves_loads_and_freezes_the_up_mapping(lm, trained):
     assert not any(p.requires_grad for p in trained.up_mapping.parameters())
-    planner, up = load_agent(trained.out_dir, lm=lm)
+    loaded = Agent.load(trained.out_dir, lm=lm)
+    planner, up = loaded.planner, loaded.up
     assert planner.config.action_dim == 16 and up.config.kind == "learned"
     assert planner.config.state_norm["count"] == trained.n_train
     s = torch.randn(3, lm.hidden_size) * 5

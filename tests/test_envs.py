@@ -173,6 +173,25 @@ def test_taboo_reward_properties(taboo):
     assert single == pytest.approx(list(v.values()), abs=1e-5)
 
 
+def test_taboo_similarity_reward_is_dense_and_keeps_the_rules(taboo):
+    from dat.envs import make
+
+    dense = make("taboo", reward_mode="similarity")
+    sc = dense.scenario_by_id("baking-bread")
+    ask = "What do you like to do on Sunday mornings in the kitchen?"
+    cases = [(ask, "I love making a fresh loaf of bread, kneading the dough."),
+             (ask, "I like to watch football on TV and relax."), (ask, NEUTRAL_REPLIES[1]),
+             ("Do you like to bake things?", "Yes! I make a sourdough loaf every week.")]
+    eps = [episode(dense, sc, u, p, eid=i) for i, (u, p) in enumerate(cases)]
+    on, off, small, tab = [r.value for r in dense.reward(eps, 0)]
+    gain = [r.value for r in taboo.reward([episode(taboo, sc, u, p, eid=i)
+                                           for i, (u, p) in enumerate(cases)], 0)]
+    assert gain[1] == gain[2] == 0.0 and max(off, small) > 0  # denser than the gain
+    assert on > max(off, small) + 0.2 and tab == 0.0  # on topic wins; taboo still zeroes
+    with pytest.raises(DatError, match="reward_mode must be one of"):
+        make("taboo", reward_mode="other")
+
+
 def test_taboo_reward_later_rounds_and_missing_reply(taboo):
     sc = taboo.scenario_by_id("dogs")
     ep = episode(taboo, sc, "Do you have any hobbies?", "Not really, work keeps me busy.",

@@ -292,14 +292,15 @@ def one_thread():
 @pytest.mark.slow
 def test_evaluate_end_to_end_on_taboo(default_lm, tmp_path, one_thread):
     from dat import envs
-    from dat.planner import Planner, UpMapping, save_agent
+    from dat.agent import Agent
+    from dat.planner import Planner, UpMapping
     from dat.rollout import RolloutConfig
 
     data = tmp_path / "taboo.json"
     data.write_text(json.dumps(TABOO))
     setting = envs.make("taboo", data=str(data))
-    pdir = save_agent(tmp_path / "dat", Planner.for_model(default_lm, action_dim=16),
-                      UpMapping.learned(default_lm, action_dim=16))
+    pdir = Agent(UpMapping.learned(default_lm, action_dim=16),
+                 Planner.for_model(default_lm, action_dim=16)).save(tmp_path / "dat")
     write_training_meta(pdir, "taboo", ["garden"])
     agents = {"unsteered": AgentSpec(), "dat": AgentSpec.from_dir(pdir)}
     cfg = RolloutConfig(rounds=1, max_new_tokens=12, batch_size=4)

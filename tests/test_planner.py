@@ -7,7 +7,8 @@ import torch
 
 from dat import Planner, UpMapping
 from dat.errors import DatError
-from dat.planner import embedding_pca, load_agent, save_agent
+from dat.agent import Agent
+from dat.planner import embedding_pca
 
 
 def test_planner_output_norm(tiny_lm):
@@ -22,8 +23,9 @@ def test_save_load_roundtrip(tiny_lm, tmp_path):
     p.set_state_norm(torch.randn(tiny_lm.hidden_size), torch.rand(tiny_lm.hidden_size) + 0.5,
                      source="buffer-x", count=123)
     up = UpMapping.learned(tiny_lm, action_dim=8, n_tokens=3, act_norm=0.6)
-    save_agent(tmp_path / "agent", p, up)
-    p2, up2 = load_agent(tmp_path / "agent", lm=tiny_lm)
+    Agent(up, p).save(tmp_path / "agent")
+    loaded = Agent.load(tmp_path / "agent", lm=tiny_lm)
+    p2, up2 = loaded.planner, loaded.up
     s = torch.randn(4, tiny_lm.hidden_size)
     assert torch.equal(p(s), p2(s))
     assert torch.equal(up(p(s)), up2(p2(s)))

@@ -74,10 +74,9 @@ def test_hook_removed_after_calls_and_errors(default_lm, dialogues):
     ids = lm.encode(dialogues[0])
     batch = lm.make_batch([ids])
     steered = lm.make_batch([ids], [len(ids) - 1], vec[:1], ResidualAt(10))
-    with pytest.raises(RuntimeError, match="boom"):
-        with lm.steering(steered):
-            assert _hooks(lm) == before + 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), lm.steering(steered):
+        assert _hooks(lm) == before + 1
+        raise RuntimeError("boom")
     assert _hooks(lm) == before
     assert batch.residual is None
 
@@ -101,10 +100,10 @@ def test_partner_untouched_and_caches_exact(default_lm, taboo):
     lm = default_lm
     prompts = setting_prompts(taboo, "train", limit=16)
     up = ActionSpace(kind="residual", action_dim=16, layer=15).pca(lm, prompts)
-    jobs = episode_jobs(taboo, 3, "train", seed=2)
+    jobs = episode_jobs(taboo, 2, "train", seed=2)
     runs = {}
     for cache in (True, False):
-        cfg = RolloutConfig(batch_size=3, rounds=2, max_new_tokens=12, seed=1, prefix_cache=cache)
+        cfg = RolloutConfig(batch_size=2, rounds=2, max_new_tokens=8, seed=1, prefix_cache=cache)
         runs[cache] = Rollout(lm, taboo, agent=Agent(up), config=cfg).run(jobs)
     for a, b in zip(runs[True], runs[False]):
         assert [t.text for t in a.episode.turns] == [t.text for t in b.episode.turns]
@@ -113,7 +112,7 @@ def test_partner_untouched_and_caches_exact(default_lm, taboo):
         for k, t in enumerate(turns):
             if t.speaker == "partner" and k > 0:
                 view = replace(r.episode, turns=turns[:k]).view("partner")
-                assert lm.generate([view], max_new_tokens=12) == [t.text]
+                assert lm.generate([view], max_new_tokens=8) == [t.text]
 
 
 def test_agent_save_load_bit_identical(default_lm, taboo, tmp_path):

@@ -93,11 +93,12 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def agent_dir(default_lm, tmp_path_factory):
-    from dat.planner import Planner, UpMapping, save_agent
+    from dat.agent import Agent
+    from dat.planner import Planner, UpMapping
 
     up = UpMapping.from_embedding_pca(default_lm, 64, 2)
     planner = Planner.for_model(default_lm)
-    return str(save_agent(tmp_path_factory.mktemp("agent"), planner, up).resolve())
+    return str(Agent(up, planner).save(tmp_path_factory.mktemp("agent")).resolve())
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from dat import td3bc
 from dat.errors import DatError
-from dat.planner import Planner, PlannerConfig, UpMapping, UpMappingConfig, load_agent
+from dat.agent import Agent
+from dat.planner import Planner, PlannerConfig, UpMapping, UpMappingConfig
 from dat.td3bc import (
     TD3BC,
     NonFiniteLossError,
@@ -281,7 +282,8 @@ def test_save_load_round_trip_with_up_mapping(tmp_path):
     with torch.no_grad():
         up.components.copy_(torch.linalg.qr(torch.randn(H, D))[0].T)
     res = train(data, tmp_path, fast(epochs=2), up_mapping=up)
-    planner, up2 = load_agent(tmp_path)
+    loaded = Agent.load(tmp_path)
+    planner, up2 = loaded.planner, loaded.up
     with torch.no_grad():
         assert torch.allclose(planner(data.states), res.planner(data.states), atol=1e-6)
     assert torch.allclose(planner.state_mean, data.state_mean)

@@ -523,8 +523,8 @@ def _latest_checkpoint(root: Path) -> Path | None:
 def _load_checkpoint(path: Path, lm, opt_factory) -> tuple[Planner, UpMapping, Any, dict]:
     try:
         state = json.loads((path / "state.json").read_text())
-        agent = Agent.load(path / "agent", lm=lm)
-        planner, up = agent.planner, agent.up
+        agent = Agent.load(path / "agent", lm=lm)  # loaded for inference: trained again here
+        planner, up = agent.planner.requires_grad_(True), agent.up.requires_grad_(True)
         tensors = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError, KeyError, SafetensorError, DatError) as exc:
         raise DatError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from the "

@@ -124,13 +124,15 @@ def check_collect_values(cfg: CollectConfig) -> None:
     action_space(cfg).validate()
 
 
-def make_setting(env: str, data: str | None, judge: str | None, lm, rounds: int | None = None):
-    """The setting ``env``; a local ``hf:`` judge shares the already-loaded model ``lm``."""
+def make_setting(env: str, data: str | None, judge: str | None, lm, rounds: int | None = None,
+                 **options):
+    """The setting ``env`` (``options``: its own fields, e.g. taboo's ``reward_mode``); a local
+    ``hf:`` judge shares the already-loaded model ``lm``."""
     import inspect
 
     from dat import envs
 
-    kwargs = {}
+    kwargs = dict(options)
     if judge:
         kwargs["judge"] = judge
     if rounds:

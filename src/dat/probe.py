@@ -126,14 +126,15 @@ def format_probe(res: dict) -> str:
     a, t, r = res["action"], res["text"], res["reward"]
     where = (f"residual after layer {a['layer']} at {a['scale']}x the residual norm"
              if a["kind"] == "residual" else f"{a['n_tokens']} {a['position']} tokens")
-    return "\n".join([
-        f"{where}: {res['config']['directions']} directions x {res['config']['scenarios']} "
-        f"scenarios ({res['episodes']} episodes)",
-        f"  text:   reliability {t['reliability']:.2f} (centred {t['reliability_centred']:.2f}), "
-        f"effect size {t['effect_size']:.2f}, unchanged {100 * t['unchanged_share']:.0f} %",
-        f"  reward: split-half r {r['split_half_r']:.2f} (full-length {r['reliability']:.2f}), "
-        f"mean effect {r['mean_effect']:+.4f}, best direction {r['best']['mean']:+.4f} "
-        f"(unsteered mean {r['unsteered_mean']:.4f})",
-        "  reliability near 0 means the action space barely moves this setting; "
-        "a planner then has nothing to learn.",
-    ])
+    lines = [
+        (f"{where}: {res['config']['directions']} directions x {res['config']['scenarios']} "
+         f"scenarios ({res['episodes']} episodes)"),
+        (f"  text:   reliability {t['reliability']:.2f} (centred {t['reliability_centred']:.2f}), "
+         f"effect size {t['effect_size']:.2f}, unchanged {100 * t['unchanged_share']:.0f} %"),
+        (f"  reward: split-half r {r['split_half_r']:.2f} (full-length {r['reliability']:.2f}), "
+         f"mean effect {r['mean_effect']:+.4f}, best direction {r['best']['mean']:+.4f} "
+         f"(unsteered mean {r['unsteered_mean']:.4f})"),
+        ("  reliability near 0 means the action space barely moves this setting; "
+         "a planner then has nothing to learn."),
+    ]
+    return "\n".join(lines)

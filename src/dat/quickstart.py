@@ -56,6 +56,7 @@ class QuickstartConfig:
     position: str = "prefix"  # tokens
     act_norm: float = 1.0
     end_at_sentence: bool = True  # replies cut at max_new_tokens end at their last full sentence
+    reward: str = "gain"  # taboo's reward_mode: "gain" | "similarity" (docs/settings.md)
     td3bc: dict = field(default_factory=lambda: {"alpha": 2.5, "epochs": 30, "actor_lr": 3e-4,
                                                  "critic_lr": 3e-4, "batch_size": 256})
     iterations: int = 1  # > 1: iterated DAT (explore around the planner, train again)
@@ -66,6 +67,7 @@ class QuickstartConfig:
     per_scenario: bool = True  # also the paper's protocol: a planner per topic, tested on it
     per_scenario_eval: int = 32  # explored topics the per-scenario planners are evaluated on
     per_scenario_alpha: float = 0.0  # the reference implementation's default (pure TD3)
+    per_scenario_epochs: int = 30  # a topic has ~12 transitions: one update per epoch
     self_clone: bool = False  # also the unsteered corpus and the self-clone baseline
     corpus_episodes: int = 64
     clone_epochs: int = 1
@@ -137,7 +139,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         times[name] = round(time.perf_counter() - times[name], 1)
 
     lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device)
-    setting = make_setting("taboo", None, None, lm, cfg.rounds)
+    setting = make_setting("taboo", None, None, lm, cfg.rounds, reward_mode=cfg.reward)
     common = dict(model=cfg.model, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
                   end_at_sentence=cfg.end_at_sentence, scenarios=cfg.explore_scenarios)
@@ -198,7 +200,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     if cfg.per_scenario:
         step("per-scenario protocol")
         per_dir = out / f"dat-{cfg.action}-per-scenario"
-        td3(explore, per_dir, per_scenario=True, alpha=cfg.per_scenario_alpha)
+        td3(explore, per_dir, per_scenario=True, alpha=cfg.per_scenario_alpha,
+            epochs=2 if cfg.tiny else cfg.per_scenario_epochs)
         per = evaluate(lm, setting, {"unsteered": AgentSpec(),
                                      "DAT per scenario": AgentSpec.from_dir(per_dir)},
                        cfg.per_scenario_eval, split="train", seed=cfg.seed, config=rcfg,

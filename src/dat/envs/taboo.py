@@ -47,6 +47,8 @@ from typing import Any, ClassVar, Literal
 from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, hash_split
 from dat.errors import DatError
 
+REWARD_MODES = ("gain", "similarity")
+
 GREETING = "Hi there! It's nice to chat with you. How has your day been?"
 
 PARTNER_SYSTEM = ("You are a friendly person having a casual chat. Reply naturally in one to "
@@ -221,6 +223,10 @@ class Taboo(Setting):
     greeting: str = GREETING
     partner_system: str = PARTNER_SYSTEM
     test_fraction: float = 0.2
+    # "gain": the clipped gain over small talk (below); "similarity": the partner's own words'
+    # plain cosine to the topic, max(s_description, s_topic) clipped at 0 -- a denser signal
+    # of the same thing (small talk scores about 0.1-0.2 instead of 0)
+    reward_mode: str = "gain"
 
     name: ClassVar[str] = "taboo"
     reward_timing: ClassVar[str] = "round"
@@ -228,6 +234,8 @@ class Taboo(Setting):
     def __post_init__(self):
         if self.rounds < 1:
             raise DatError(f"rounds must be >= 1, got {self.rounds}")
+        if self.reward_mode not in REWARD_MODES:
+            raise DatError(f"taboo reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
         path = Path(self.data) if self.data is not None else default_data_path()
         self._rows = load_taboo(path)
         self._scenarios = []
@@ -292,12 +300,14 @@ class Taboo(Setting):
                 s_d = s_t = None
                 g_d = g_t = 0.0
             gain = max(g_d, g_t)
+            similarity = max(0.0, s_d, s_t) if s_d is not None else 0.0
+            value = gain if self.reward_mode == "gain" else similarity
             hits = taboo_hits(steered, d["taboo"])
-            out.append(Reward(0.0 if hits else gain, {
+            out.append(Reward(0.0 if hits else value, {"gain": gain, "similarity": similarity,
                 "similarity_description": s_d, "similarity_topic": s_t, **info,
                 "gain_description": g_d, "gain_topic": g_t, "taboo_hits": hits,
                 "copied_words": copied, "partner_taboo": taboo_hits(reply, d["taboo"]),
-                "value_if_no_taboo": gain,
+                "value_if_no_taboo": value,
             }))
         return out
 
