@@ -1,7 +1,7 @@
 """Benchmark: one epoch of TD3+BC (dat.td3bc) over synthetic transitions on the CPU.
 
 Default: 30,000 transitions, hidden size 576 (SmolLM2-135M), d' = 64, batch 1024, the
-DESIGN.md hyper-parameters, CSV + TensorBoard logging and the final checkpoint/save included.
+The paper's hyper-parameters, CSV + TensorBoard logging and the final checkpoint/save included.
 Target: one epoch in under 5 minutes on 2 CPU cores.
 
     python bench/bench_td3bc.py [--transitions 30000] [--hidden 576] [--epochs 1] [--device cpu]

@@ -112,7 +112,7 @@ NLL_GOAL = 1.05  # fidelity goal: steered NLL within 5 % of the unsteered model'
 
 @dataclass
 class CloneConfig:
-    # the agent (DESIGN.md: L = 2 action tokens, d' = 64, prefix, act_norm 1.0)
+    # the agent (the paper: L = 2 action tokens, d' = 64, prefix, act_norm 1.0)
     action_dim: int = 64
     n_tokens: int = 2
     position: str = "prefix"

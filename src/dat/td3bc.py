@@ -16,7 +16,7 @@ The actor is the :class:`~dat.planner.Planner`; twin critics ``(hidden + d') -> 
 
 Choices, and where they differ from CORL or the reference implementation:
 
-* **alpha = 0** follows DESIGN.md ("alpha = 0 turns the BC term off") and the reference code:
+* **alpha = 0** turns the BC term off (plain TD3), as in the reference code:
   the actor loss becomes plain TD3, ``-mean Q1(s, pi(s))``, with no BC term and no lambda
   normalisation (lambda is logged as 1). Note that reading the formula literally would give
   the opposite (lambda = 0, pure behaviour cloning); DESIGN's explicit statement wins. Pure
@@ -108,7 +108,7 @@ METRICS_NAME = "metrics.csv"
 
 @dataclass
 class TD3BCConfig:
-    # TD3+BC (defaults: DESIGN.md / CORL)
+    # TD3+BC (defaults: the paper / CORL)
     gamma: float = 0.99
     tau: float = 0.005
     policy_noise: float = 0.2
@@ -509,7 +509,7 @@ class TD3BC:
             with _frozen(self.critic1):  # gradients for the actor only
                 q = self.critic1(s, pi)
             bc = self.bc_term(pi, a)
-            if cfg.alpha == 0:  # DESIGN.md: alpha = 0 turns the BC term off (plain TD3)
+            if cfg.alpha == 0:  # alpha = 0 turns the BC term off (plain TD3)
                 lam = torch.ones((), device=self.device)
                 actor_loss = -q.mean()
             else:
