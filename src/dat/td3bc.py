@@ -19,7 +19,7 @@ Choices, and where they differ from CORL or the reference implementation:
 * **alpha = 0** turns the BC term off (plain TD3), as in the reference code:
   the actor loss becomes plain TD3, ``-mean Q1(s, pi(s))``, with no BC term and no lambda
   normalisation (lambda is logged as 1). Note that reading the formula literally would give
-  the opposite (lambda = 0, pure behaviour cloning); DESIGN's explicit statement wins. Pure
+  the opposite (lambda = 0, pure behaviour cloning); the plain-TD3 reading is the one used. Pure
   behaviour cloning is what self-cloning (``dat.clone``) is for.
 * **BC term**: ``bc_reduction="mean"`` (default) is CORL's ``F.mse_loss(pi, a)``, the mean
   over batch *and* action dimensions, i.e. ``||pi - a||^2 / d'``; alpha = 2.5 was calibrated
