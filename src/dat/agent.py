@@ -275,6 +275,7 @@ class ScenarioAgents:
         self.agents, self.source = dict(agents), source
         self.up, self.position, self.act_norm = first.up, first.position, first.act_norm
         self.planner = first.planner
+        self.embed = first.embed  # one shared up-mapping
 
     kind = property(lambda self: self.up.kind)
     action_dim = property(lambda self: self.up.config.action_dim)
@@ -304,9 +305,6 @@ class ScenarioAgents:
             part = None if eps is None else eps[rows]
             out[rows] = self.agents[sid].act(states[rows], noise, part).float().cpu()
         return out
-
-    def embed(self, actions: torch.Tensor) -> torch.Tensor:
-        return self.up(actions.to(next(iter(self.up.state_dict().values())).device))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, lm=None, kind: str | None = None) -> ScenarioAgents:

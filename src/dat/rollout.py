@@ -199,7 +199,8 @@ class Rollout:
         for s, row in zip(slots, states):
             s.states.append(row)
         actions = self._actions(slots, states)
-        embeds = None if actions is None else self.agent.embed(actions).to(self.lm.device)
+        with torch.no_grad():  # inference: no graph through a trainable up-mapping
+            embeds = None if actions is None else self.agent.embed(actions).to(self.lm.device)
         g = self.lm.generate_detailed(views, actions=embeds, position=self.position,
                                       max_new_tokens=self.cfg.max_new_tokens,
                                       temperature=self.cfg.temperature, top_p=self.cfg.top_p,
