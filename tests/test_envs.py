@@ -39,8 +39,8 @@ def episode(setting, scenario, *turns, opener=True, eid=0) -> Episode:
 
 # ---------------------------------------------------------------------- registry
 def test_registry_and_make_errors():
-    assert envs.available() == ["redteam", "social", "taboo"]
-    with pytest.raises(DatError, match="unknown setting 'chess'.*redteam, social, taboo"):
+    assert envs.available() == ["openup", "redteam", "social", "taboo"]
+    with pytest.raises(DatError, match="unknown setting 'chess'.*openup, redteam, social, taboo"):
         envs.make("chess")
     with pytest.raises(DatError, match="social.*needs data.*envs.json"):
         envs.make("social")

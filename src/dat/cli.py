@@ -464,6 +464,7 @@ def probe(
 def quickstart(
     out: str = typer.Option("runs/quickstart", help="Folder for every step's output and the report."),
     tiny: bool = typer.Option(False, help="A few episodes: the whole pipeline in minutes."),
+    setting: str = typer.Option("openup", help="Embedded setting: openup | taboo."),
     action: str = typer.Option("residual", help="Action kind of the main DAT: residual (a vector "
                                "added after --layer) | tokens (the paper's prefix tokens)."),
     layer: int = typer.Option(15, help="Residual actions: decoder layer whose output gets the vector."),
@@ -478,14 +479,14 @@ def quickstart(
     seed: int = typer.Option(0),
     backend: str = BACKEND_OPTION,
 ) -> None:
-    """The whole pipeline on the default model and `taboo`: exploration, TD3+BC, evaluation on
+    """The whole pipeline on the default model and an embedded setting: exploration, TD3+BC, evaluation on
     held-out topics against the unsteered agent (and the paper's prefix tokens and per-scenario
     protocol). Re-running resumes."""
     from dat.quickstart import QuickstartConfig
     from dat.quickstart import quickstart as run_quickstart
 
     _run(lambda: run_quickstart(QuickstartConfig(
-        out=out, tiny=tiny, action=action, layer=layer, residual_scale=residual_scale,
+        out=out, tiny=tiny, setting=setting, action=action, layer=layer, residual_scale=residual_scale,
         iterations=iterations, compare_tokens=compare_tokens, per_scenario=per_scenario,
         self_clone=self_clone, device=device, seed=seed, backend=backend)))
 

@@ -1,4 +1,5 @@
-"""``dat quickstart``: the whole DAT pipeline on the embedded default model and ``taboo``.
+"""``dat quickstart``: the whole DAT pipeline on the embedded default model and an embedded
+setting (default ``openup``: get the partner talking about its own interest).
 
 1. exploration buffer: ``explore_directions`` random directions through the fixed PCA
    up-mapping of the chosen action kind (default: residual-stream actions after layer 15),
@@ -32,6 +33,8 @@ from dat.errors import DatError
 
 console = Console()
 
+EMBEDDED_SETTINGS = ("taboo", "openup")
+
 
 @dataclass
 class QuickstartConfig:
@@ -56,9 +59,12 @@ class QuickstartConfig:
     position: str = "prefix"  # tokens
     act_norm: float = 1.0
     end_at_sentence: bool = True  # replies cut at max_new_tokens end at their last full sentence
+    setting: str = "openup"  # an embedded setting: "openup" | "taboo" (docs/settings.md)
     reward: str = "gain"  # taboo's reward_mode: "gain" | "similarity" (docs/settings.md)
-    td3bc: dict = field(default_factory=lambda: {"alpha": 2.5, "epochs": 30, "actor_lr": 3e-4,
-                                                 "critic_lr": 3e-4, "batch_size": 256})
+    # BC toward the critic's best explored direction, a light Q term (docs/quickstart.md)
+    td3bc: dict = field(default_factory=lambda: {"alpha": 0.02, "epochs": 300, "actor_lr": 1e-3,
+                                                 "critic_lr": 3e-4, "batch_size": 256,
+                                                 "bc_target": "best"})
     iterations: int = 1  # > 1: iterated DAT (explore around the planner, train again)
     iterate_noise: float = 0.5  # exploration sigma around the planner in later iterations
     iterate_episodes: int = 128
@@ -88,6 +94,9 @@ class QuickstartConfig:
         return self
 
     def validate(self) -> None:
+        if self.setting not in EMBEDDED_SETTINGS:
+            raise DatError(f"quickstart: setting must be one of {EMBEDDED_SETTINGS} (the settings "
+                           f"that need no data), got {self.setting!r}.")
         self.action_space(self.action).validate()
         for name in ("rounds", "max_new_tokens", "batch_size", "eval_batch_size",
                      "explore_episodes", "explore_directions", "explore_scenarios", "iterations",
@@ -139,7 +148,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         times[name] = round(time.perf_counter() - times[name], 1)
 
     lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device)
-    setting = make_setting("taboo", None, None, lm, cfg.rounds, reward_mode=cfg.reward)
+    options = {"reward_mode": cfg.reward} if cfg.setting == "taboo" else {}
+    setting = make_setting(cfg.setting, None, None, lm, cfg.rounds, **options)
     common = dict(model=cfg.model, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
                   end_at_sentence=cfg.end_at_sentence, scenarios=cfg.explore_scenarios)

@@ -24,6 +24,15 @@ Choices, and where they differ from CORL or the reference implementation:
 * **BC term**: ``bc_reduction="mean"`` (default) is CORL's ``F.mse_loss(pi, a)``, the mean
   over batch *and* action dimensions, i.e. ``||pi - a||^2 / d'``; alpha = 2.5 was calibrated
   for it. ``"sum"`` is the literal squared norm ``||pi - a||^2`` (``d'`` times stronger).
+* **BC target**: ``bc_target="data"`` (default) is TD3+BC's, each transition's own action.
+  ``"best"`` replaces it, for every state of the batch, by the action that Q1 rates highest
+  among ``bc_candidates`` actions drawn from the whole dataset (de-duplicated), as BCQ picks
+  the best of behaviour-like candidates. This is for exploration buffers of a few held random
+  directions: their states barely tell which direction was taken, so BC toward the own action
+  pulls the actor to the average of all directions -- off the data, where the critic was
+  never trained (``pi_data_cos`` stays near 0). BC toward the best candidate keeps the actor
+  on a direction that was tried, the one the critic rates best. ``pi_data_cos`` is then the
+  cosine to that target.
 * **Actions live on the sphere of radius act_norm.** The actor renormalises its output; the
   noisy target action is renormalised too. Target-policy noise is specified, as in TD3, per
   action coordinate relative to the action scale: with ``noise_scale="relative"`` (default)
@@ -106,6 +115,9 @@ METRICS_NAME = "metrics.csv"
 # ----------------------------------------------------------------------------------------------
 
 
+BC_TARGETS = ("data", "best")
+
+
 @dataclass
 class TD3BCConfig:
     # TD3+BC (defaults: the paper / CORL)
@@ -120,6 +132,10 @@ class TD3BCConfig:
     batch_size: int = 1024
     alpha: float = 2.5  # 0 = plain TD3 actor loss (BC off)
     bc_reduction: str = "mean"  # "mean" (CORL mse_loss) | "sum" (||pi - a||^2)
+    # BC toward "data": the transition's own action (TD3+BC) | "best": the best under Q1 of
+    # bc_candidates actions drawn from the whole dataset (BCQ-style selection, see below)
+    bc_target: str = "data"
+    bc_candidates: int = 64
     critic_hidden: int | None = None  # first critic layer; None = the LM hidden size
     critic_width: int = 256
     # schedule
@@ -167,6 +183,10 @@ class TD3BCConfig:
             raise bad("noise_scale", "'relative' or 'absolute'")
         if self.bc_reduction not in ("mean", "sum"):
             raise bad("bc_reduction", "'mean' or 'sum'")
+        if self.bc_target not in BC_TARGETS:
+            raise bad("bc_target", f"one of {BC_TARGETS}")
+        if int(self.bc_candidates) < 1:
+            raise bad("bc_candidates", "an integer >= 1")
         if self.act_norm is not None and not self.act_norm > 0:
             raise bad("act_norm", "None or a number > 0")
 
@@ -465,6 +485,18 @@ class TD3BC:
         return sq.mean() if self.config.bc_reduction == "mean" else sq.sum(-1).mean()
 
     @torch.no_grad()
+    def best_data_actions(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """For each state, the candidate action (``[M, d']``, drawn from the dataset) that Q1
+        rates highest. When the data holds many different actions for alike states (held
+        random directions), BC toward each transition's own action pulls the actor to their
+        average, which is off the data and untested; BC toward the best of them keeps it on
+        the data, on the better actions (as BCQ selects among behaviour-like candidates)."""
+        b, m = len(states), len(candidates)
+        s = states.repeat_interleave(m, dim=0)
+        q = self.critic1(s, candidates.repeat(b, 1)).view(b, m)
+        return candidates[q.argmax(dim=1)]
+
+    @torch.no_grad()
     def soft_update(self) -> None:
         tau = self.config.tau
         for net, target in ((self.actor, self.actor_target), (self.critic1, self.critic1_target),
@@ -508,6 +540,8 @@ class TD3BC:
             pi = self.actor(s)
             with _frozen(self.critic1):  # gradients for the actor only
                 q = self.critic1(s, pi)
+            if cfg.bc_target == "best" and cfg.alpha != 0:
+                a = self.best_data_actions(s, batch["candidates"])
             bc = self.bc_term(pi, a)
             if cfg.alpha == 0:  # alpha = 0 turns the BC term off (plain TD3)
                 lam = torch.ones((), device=self.device)
@@ -883,7 +917,12 @@ def _train_one(data: TransitionDataset, out: Path, config: TD3BCConfig, init, up
                     g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
                     perm, perm_epoch = torch.randperm(n, generator=g).to(device), epoch
                 try:
-                    m = agent.update(data.batch(perm[b * bs:(b + 1) * bs]))
+                    batch = data.batch(perm[b * bs:(b + 1) * bs])
+                    if config.bc_target == "best":  # a function of (seed, step): resumable
+                        gc = torch.Generator().manual_seed(config.seed * 1_000_003 + agent.step + 1)
+                        pick = torch.randint(n, (config.bc_candidates,), generator=gc)
+                        batch["candidates"] = data.actions[pick.to(data.actions.device)].unique(dim=0)
+                    m = agent.update(batch)
                     last_metrics.update(m)
                     if agent.step % config.log_every == 0 or agent.step == total:
                         logger.log({"step": agent.step, "epoch": epoch,

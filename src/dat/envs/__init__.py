@@ -13,6 +13,7 @@
 name       data                         rewards     judge (default)
 =========  ===========================  ==========  ====================================
 taboo      embedded (or a taboo JSON)   each round  ``embed:default`` (all-MiniLM-L6-v2)
+openup     embedded (taboo's topics)    each round  new content words (no model)
 social     Sotopia export folder        at the end  ``hf:default`` kind ``sotopia``
 redteam    HarmBench behaviors CSV      each round  ``hf:default`` kind ``yesno``
 =========  ===========================  ==========  ====================================
@@ -24,12 +25,14 @@ Settings are dataclasses; ``make`` passes keyword arguments to them (``rounds``,
 from __future__ import annotations
 
 from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, Turn, hash_split
+from dat.envs.openup import Openup
 from dat.envs.redteam import RedTeam, load_behaviors
 from dat.envs.social import Social, load_sotopia
 from dat.envs.taboo import Taboo, load_taboo
 from dat.errors import DatError
 
-REGISTRY: dict[str, type[Setting]] = {"taboo": Taboo, "social": Social, "redteam": RedTeam}
+REGISTRY: dict[str, type[Setting]] = {"taboo": Taboo, "openup": Openup, "social": Social,
+                                      "redteam": RedTeam}
 NEEDS_DATA = {"social": "a folder with envs.json, agents.json and env_agent_combos.json "
                         "(a Sotopia export)",
               "redteam": "a HarmBench-format behaviors CSV"}
@@ -62,6 +65,7 @@ __all__ = [
     "REGISTRY",
     "Episode",
     "Opening",
+    "Openup",
     "RedTeam",
     "Reward",
     "Scenario",

@@ -142,20 +142,20 @@ def taboo_hits(text: str, taboo: list[str]) -> list[str]:
     return hits
 
 
-def _is_content(tok: str) -> bool:
+def is_content(tok: str) -> bool:
     return len(tok) >= 3 and tok not in STOPWORDS and not tok.isdigit()
 
 
 def strip_copied(reply: str, said: list[str]) -> tuple[str, list[str]]:
     """``reply`` without the content words that also occur (in any simple inflection) in
     the texts ``said``; and the removed words."""
-    said_toks = {t for s in said for t in words(s) if _is_content(t)}
+    said_toks = {t for s in said for t in words(s) if is_content(t)}
     said_forms = set().union(*(word_forms(t) for t in said_toks)) if said_toks else set()
     removed: list[str] = []
 
     def drop(m: re.Match) -> str:
         tok = m.group(0).lower()
-        if _is_content(tok) and (tok in said_forms or word_forms(tok) & said_toks):
+        if is_content(tok) and (tok in said_forms or word_forms(tok) & said_toks):
             removed.append(tok)
             return ""
         return m.group(0)
@@ -165,7 +165,7 @@ def strip_copied(reply: str, said: list[str]) -> tuple[str, list[str]]:
 
 
 def has_content(text: str) -> bool:
-    return any(_is_content(t) for t in words(text))
+    return any(is_content(t) for t in words(text))
 
 
 # ---------------------------------------------------------------------- data
@@ -295,7 +295,7 @@ class Taboo(Setting):
                     "baseline_description": base_d, "baseline_topic": base_t}
             if has_content(novel):
                 s_d, s_t = float(e_n @ e_d), float(e_n @ e_t)
-                g_d, g_t = _gain(s_d, base_d), _gain(s_t, base_t)
+                g_d, g_t = gain_over(s_d, base_d), gain_over(s_t, base_t)
             else:
                 s_d = s_t = None
                 g_d = g_t = 0.0
@@ -312,6 +312,6 @@ class Taboo(Setting):
         return out
 
 
-def _gain(sim: float, baseline: float) -> float:
+def gain_over(sim: float, baseline: float) -> float:
     """``clip((s - b) / (1 - b), 0, 1)``."""
     return min(1.0, max(0.0, (sim - baseline) / (1.0 - baseline)))
