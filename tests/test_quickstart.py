@@ -18,9 +18,12 @@ def test_quickstart_tiny(tmp_path):
               "report/reward.png"):
         assert (out / f).is_file(), f
     results = json.loads((out / "report" / "results.json").read_text())
+    assert (results["setting"], results["split"]) == ("openup", "test")  # held-out partners
     assert set(results["agents"]) == {"unsteered", "DAT", "DAT (1 iteration)",
                                       "DAT, prefix tokens (paper)", "self-clone"}
     assert (out / "dat-residual-it2" / "config.json").is_file()  # iterated DAT
+    it2 = json.loads((out / "explore-residual-it2" / "meta.json").read_text())
+    assert it2["settings"]["explore_directions"] == 4  # held perturbations around the planner
     kinds = {json.loads((out / d / "up_mapping" / "config.json").read_text())["target"]
              for d in ("dat-residual", "dat-tokens", "self-clone")}
     assert kinds == {"residual", "tokens"}

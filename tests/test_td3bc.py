@@ -145,6 +145,44 @@ def test_alpha_zero_is_plain_td3(tmp_path):
     assert cos_to(res.planner, data.states, a_star) > 0.5
 
 
+def held_directions_data(k: int = 6, n: int = 240, seed: int = 0):
+    """An exploration buffer of ``k`` random directions, each held on ``n / k`` states that do
+    not say which one was taken; direction ``j`` earns ``j / k`` (plus noise): the last is best."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = sphere(torch.randn(k, D, generator=g))
+    which = torch.arange(n) % k
+    rewards = which.float() / k + 0.05 * torch.randn(n, generator=g)
+    data = TransitionDataset(torch.randn(n, H, generator=g), dirs[which], rewards,
+                             torch.randn(n, H, generator=g), torch.ones(n))
+    return data, dirs
+
+
+def test_bc_toward_the_best_explored_direction_stays_on_the_data(tmp_path):
+    data, dirs = held_directions_data()
+    cfg = {"epochs": 150, "alpha": 0.02, "bc_candidates": 64}
+    own = train(data, tmp_path / "data", fast(**cfg))
+    best = train(data, tmp_path / "best", fast(bc_target="best", **cfg))
+    with torch.no_grad():
+        cos_own = F.normalize(own.planner(data.states), dim=-1) @ dirs.T
+        cos_best = F.normalize(best.planner(data.states), dim=-1) @ dirs.T
+    # BC toward the critic's best: on the best direction; toward each transition's own
+    # action: pulled toward the average of all directions, well off the best one
+    assert cos_best[:, -1].mean() > 0.9
+    assert cos_own[:, -1].mean() < cos_best[:, -1].mean() - 0.2
+    assert best.metrics["pi_data_cos"] > 0.9
+
+
+def test_bc_target_best_resumes_exactly(tmp_path):
+    data, _ = held_directions_data()
+    cfg = {"epochs": 2, "checkpoint_every": 4, "bc_target": "best", "bc_candidates": 16}
+    straight = train(data, tmp_path / "a", fast(**cfg))
+    train(data, tmp_path / "b", fast(max_steps=5, **cfg))
+    second = train(data, tmp_path / "b", fast(**cfg))
+    for (k, v), (_, w) in zip(straight.planner.state_dict().items(),
+                              second.planner.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
 # ---------------------------------------------------------------------------------------------
 # critic targets and target-policy smoothing
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +474,10 @@ def test_bad_config_is_refused():
         TD3BCConfig(alpha=-1).validate()
     with pytest.raises(DatError, match="noise_scale"):
         TD3BCConfig(noise_scale="big").validate()
+    with pytest.raises(DatError, match="bc_target"):
+        TD3BCConfig(bc_target="mean").validate()
+    with pytest.raises(DatError, match="bc_candidates"):
+        TD3BCConfig(bc_candidates=0).validate()
 
 
 def test_train_from_buffer_missing_folder(tmp_path):

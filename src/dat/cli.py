@@ -147,7 +147,7 @@ def generate(
 @app.command()
 def collect(
     out: str = typer.Option(..., help="Buffer folder to write (re-run the same command to resume)."),
-    env: str = typer.Option("taboo", help="Setting: taboo | social | redteam."),
+    env: str = typer.Option("taboo", help="Setting: taboo | openup | social | redteam."),
     data: str = typer.Option(None, help="Setting data: Sotopia folder or HarmBench CSV."),
     model: str = typer.Option("default", help="Steered model: 'default', hub id, folder or .gguf."),
     partner: str = typer.Option(None, help="Partner model spec (default: the steered model itself)."),
@@ -295,6 +295,10 @@ def train_cmd(
     actor_lr: float = typer.Option(1e-6),
     critic_lr: float = typer.Option(1e-5),
     per_scenario: bool = typer.Option(False, help="One planner per scenario."),
+    bc_target: str = typer.Option("data", help="BC toward: data (each transition's own action, "
+                                  "TD3+BC) | best (the critic's best of --bc-candidates data "
+                                  "actions; for buffers of held random directions)."),
+    bc_candidates: int = typer.Option(64, help="Data actions the 'best' BC target picks from."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -315,7 +319,8 @@ def train_cmd(
             if (Path(init) / UP_MAPPING_DIR).is_dir():
                 up = UpMapping.from_pretrained(Path(init) / UP_MAPPING_DIR)
         cfg = TD3BCConfig(alpha=alpha, epochs=epochs, batch_size=batch_size, actor_lr=actor_lr,
-                          critic_lr=critic_lr, per_scenario=per_scenario, seed=seed, device=device)
+                          critic_lr=critic_lr, per_scenario=per_scenario, bc_target=bc_target,
+                          bc_candidates=bc_candidates, seed=seed, device=device)
         return train_from_buffer(buffer, out, cfg, init=init, up_mapping=up)
 
     res = _run(go)
@@ -326,7 +331,7 @@ def train_cmd(
 def eval_cmd(
     out: str = typer.Option(..., help="Report folder."),
     agent: list[str] = typer.Option(None, help="NAME=PLANNER_DIR (repeatable); 'unsteered' is always run."),
-    env: str = typer.Option("taboo"),
+    env: str = typer.Option("taboo", help="Setting: taboo | openup | social | redteam."),
     data: str = typer.Option(None, help="Setting data (Sotopia folder / HarmBench CSV)."),
     judge: str = typer.Option(None, help="Judge spec."),
     model: str = typer.Option("default"),
@@ -414,7 +419,7 @@ def directions(
 
 @app.command()
 def probe(
-    env: str = typer.Option("taboo", help="Setting: taboo | social | redteam."),
+    env: str = typer.Option("taboo", help="Setting: taboo | openup | social | redteam."),
     data: str = typer.Option(None, help="Setting data (Sotopia folder / HarmBench CSV)."),
     judge: str = typer.Option(None, help="Judge spec (default: the setting's)."),
     model: str = typer.Option("default"),

@@ -5,8 +5,10 @@ setting (default ``openup``: get the partner talking about its own interest).
    up-mapping of the chosen action kind (default: residual-stream actions after layer 15),
    each held for whole episodes and tried on many of ``explore_scenarios`` train topics;
 2. TD3+BC: one planner across those topics (from scratch on the PCA up-mapping);
-3. optionally ``iterations - 1`` more rounds of iterated DAT: explore with Gaussian noise
-   around the last planner, train again from it on everything collected so far;
+3. optionally ``iterations - 1`` more rounds of iterated DAT: explore around the last planner
+   (``explore_directions`` Gaussian perturbations of scale ``iterate_noise``, each held for
+   whole episodes on several topics, so the critic can rank them), train again from it on
+   those new episodes;
 4. evaluation on the held-out test topics: unsteered vs DAT, paired;
 5. the paper's input-embedding prefix tokens as a second DAT, on the same test episodes
    (``compare_tokens``);
@@ -150,9 +152,9 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device)
     options = {"reward_mode": cfg.reward} if cfg.setting == "taboo" else {}
     setting = make_setting(cfg.setting, None, None, lm, cfg.rounds, **options)
-    common = dict(model=cfg.model, rounds=cfg.rounds, max_new_tokens=cfg.max_new_tokens,
-                  batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
-                  end_at_sentence=cfg.end_at_sentence, scenarios=cfg.explore_scenarios)
+    common = dict(env=cfg.setting, model=cfg.model, rounds=cfg.rounds,
+                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                  device=cfg.device, end_at_sentence=cfg.end_at_sentence, scenarios=cfg.explore_scenarios)
 
     def td3(buffer: Path, dat_dir: Path, init=None, **over):
         tcfg = TD3BCConfig(**{**cfg.td3bc, "seed": cfg.seed, "log_dir": str(dat_dir / "logs"),
@@ -181,7 +183,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         step(name)
         more = out / f"explore-{cfg.action}-it{it}"
         collect(CollectConfig(out=str(more), episodes=cfg.iterate_episodes, planner=str(dat_dir),
-                              noise=cfg.iterate_noise, **{**common, "seed": cfg.seed + it}),
+                              noise=cfg.iterate_noise, explore_directions=cfg.explore_directions,
+                              **{**common, "seed": cfg.seed + it}),
                 lm=lm, setting=setting)
         previous, dat_dir = dat_dir, out / f"dat-{cfg.action}-it{it}"
         td3(more, dat_dir, init=str(previous))
