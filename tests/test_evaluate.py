@@ -84,6 +84,19 @@ def test_paired_difference_matches_by_episode_id():
     assert d["mean"] == pytest.approx(0.5) and d["ci"] == pytest.approx([0.5, 0.5])
 
 
+def test_paired_difference_resamples_scenarios_when_they_have_several_samples():
+    values = {0: 1.0, 1: 3.0, 2: 0.0, 3: 0.0, 4: 2.0, 5: 2.0}
+    base = dict.fromkeys(values, 0.0)
+    groups = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c", 5: "c"}
+    d = paired_difference(values, base, n_boot=2000, groups=groups)
+    assert (d["n"], d["pairs"]) == (3, 6)  # scenario means 2, 0, 2
+    assert d["mean"] == pytest.approx(4 / 3)
+    assert d["se"] == pytest.approx(math.sqrt(4 / 3) / math.sqrt(3))
+    # one episode per scenario: the plain paired difference
+    single = paired_difference(values, base, n_boot=2000, groups={k: k for k in values})
+    assert single == paired_difference(values, base, n_boot=2000)
+
+
 def test_attack_success_rate_and_wilson():
     asr = attack_success_rate([True, False, False, True, False], n_boot=2000)
     assert asr["rate"] == pytest.approx(0.4) and asr["successes"] == 2 and asr["n"] == 5
@@ -389,6 +402,21 @@ class _TinyRed(_TinySocial):
         return out
 
 
+def test_n_samples_per_scenario_at_a_temperature(tiny_lm, tmp_path):
+    from dat.planner import UpMapping
+    from dat.rollout import RolloutConfig
+
+    agents = {"unsteered": None, "random": AgentSpec.random(UpMapping.learned(tiny_lm, action_dim=4))}
+    cfg = RolloutConfig(max_new_tokens=4, batch_size=6, temperature=0.7)
+    res = evaluate(tiny_lm, _TinyRed(), agents, episodes=6, split="train", scenarios=1,
+                   config=cfg, n_bootstrap=200, plots=False, compute_perplexity=False)
+    assert len(set(res["scenario_ids"])) == 1 and len(res["scenario_ids"]) == 6
+    d = res["agents"]["random"]["diff_vs_baseline"]
+    assert (d["n"], d["pairs"]) == (1, 6)
+    with pytest.raises(DatError, match="scenarios must be between 1 and the 2"):
+        evaluate(tiny_lm, _TinyRed(), agents, episodes=6, split="train", scenarios=3, config=cfg)
+
+
 @pytest.mark.parametrize("setting_cls", [_TinySocial, _TinyRed])
 def test_evaluate_reports_social_dimensions_and_asr(tiny_lm, tmp_path, setting_cls):
     from dat.planner import UpMapping
@@ -425,6 +453,8 @@ def test_evaluate_reports_social_dimensions_and_asr(tiny_lm, tmp_path, setting_c
         assert doc["agents"]["random"]["diff_vs_baseline"]["n"] == 2
     else:
         assert "ASR" in table and (tmp_path / "reward_by_round.png").is_file()
-        assert doc["agents"]["random"]["asr_diff_vs_baseline"]["n"] == 3
+        # 3 episodes on the 2 train scenarios: the difference resamples the 2 scenarios
+        d = doc["agents"]["random"]["asr_diff_vs_baseline"]
+        assert (d["n"], d["pairs"]) == (2, 3)
     assert (tmp_path / "reward.png").read_bytes()[:8] == PNG_MAGIC
     assert doc["agents"]["random"]["language"]["truncation_source"] == "generation"

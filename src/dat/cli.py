@@ -336,6 +336,9 @@ def eval_cmd(
     judge: str = typer.Option(None, help="Judge spec."),
     model: str = typer.Option("default"),
     episodes: int = typer.Option(None, help="Episodes per agent (default: one per test scenario)."),
+    scenarios: int = typer.Option(None, help="Cycle the episodes over the first N scenarios of "
+                                  "the seeded order only: --episodes 16N --temperature 0.7 = "
+                                  "16 samples each (the per-scenario protocol)."),
     rounds: int = typer.Option(None),
     max_new_tokens: int = typer.Option(48),
     batch_size: int = typer.Option(32),
@@ -370,14 +373,14 @@ def eval_cmd(
                             temperature=temperature, seed=seed)
         if not (use_ray or num_workers or address):
             return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg,
-                            out_dir=out)
+                            out_dir=out, scenarios=scenarios)
         from dat.distributed import RayConfig, RayPool
 
         with RayPool(RayConfig(num_workers=num_workers, address=address), device=device) as pool:
             runner = pool.eval_runner(model=model, env=env, data=data, judge=judge, rounds=rounds,
                                       split=split, seed=seed)
             return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg,
-                            out_dir=out, runner=runner)
+                            out_dir=out, runner=runner, scenarios=scenarios)
 
     results = _run(go)
     print(format_table(results))

@@ -110,13 +110,27 @@ def summarize(values: Iterable[float], n_boot: int = 10_000, level: float = 0.95
 
 
 def paired_difference(values: Mapping[Any, float | None], baseline: Mapping[Any, float | None],
-                      n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+                      n_boot: int = 10_000, level: float = 0.95, seed: int = 0,
+                      groups: Mapping[Any, Any] | None = None) -> dict:
     """Mean of ``values[k] - baseline[k]`` over the keys (episode ids) present, and not None,
     in both; with its SE and a bootstrap CI that resamples the pairs.
-    ``{"mean", "se", "ci", "n"}``; ``n`` = number of pairs."""
+    ``{"mean", "se", "ci", "n"}``; ``n`` = number of pairs.
+
+    ``groups`` (key -> scenario id): when some scenario has several episodes (n samples per
+    scenario), the differences are first averaged per scenario and the SE and CI resample
+    scenarios, not episodes: samples of one scenario are not independent. ``n`` is then the
+    number of scenarios and ``pairs`` the number of episode pairs."""
     keys = sorted(k for k in values if k in baseline and values[k] is not None
                   and baseline[k] is not None)
-    return summarize([values[k] - baseline[k] for k in keys], n_boot, level, seed)
+    diffs = {k: values[k] - baseline[k] for k in keys}
+    if groups is None or len({groups[k] for k in keys}) == len(keys):
+        return summarize(list(diffs.values()), n_boot, level, seed)
+    by: dict[Any, list[float]] = {}
+    for k in keys:
+        by.setdefault(groups[k], []).append(diffs[k])
+    out = summarize([float(np.mean(v)) for v in by.values()], n_boot, level, seed)
+    out["pairs"] = len(keys)
+    return out
 
 
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
@@ -720,14 +734,17 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
              partner=None, baseline: str | None = "auto", n_bootstrap: int = 10_000,
              level: float = 0.95, samples: int = 8, compute_perplexity: bool = True,
              split_check: bool = True, resume: bool = True, plots: bool = True,
-             runner=None) -> dict:
+             runner=None, scenarios: int | None = None) -> dict:
     """Run every agent on the same ``episodes`` of ``split`` and compare them.
 
     ``agents``: name -> :class:`AgentSpec` (a planner folder path or None are accepted too:
     None is the unsteered agent). ``episodes``: how many (default: one per scenario of the
     split); episode ids ``0 .. episodes - 1`` get the scenarios of
     ``episode_jobs(setting, episodes, split, seed)``, and ``config.seed`` is set to ``seed``
-    so sampling and random actions are paired too. ``partner``: the partner model (default:
+    so sampling and random actions are paired too. ``scenarios = N``: the episodes cycle over
+    the first ``N`` scenarios of that seeded order only (with ``episodes = n * N``: n samples
+    per scenario, e.g. 16 at temperature 0.7 as the reference code evaluates red teaming;
+    paired differences then resample scenarios). ``partner``: the partner model (default:
     ``lm`` itself, unsteered). ``baseline``: the agent that paired differences are taken
     against; ``"auto"`` = the first unsteered agent, None = no differences.
 
@@ -768,8 +785,12 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
     episodes = n_scen if episodes is None else int(episodes)
     if episodes < 1:
         raise DatError(f"evaluate: episodes must be >= 1, got {episodes}.")
+    if scenarios is not None and not 1 <= int(scenarios) <= n_scen:
+        raise DatError(f"evaluate: scenarios must be between 1 and the {n_scen} scenarios of "
+                       f"split {split!r}, got {scenarios}.")
     cfg = replace(config or RolloutConfig(), seed=seed)
-    jobs = episode_jobs(setting, episodes, split, seed)
+    jobs = episode_jobs(setting, episodes, split, seed, scenarios=scenarios)
+    scenario_of = {i: s.id for i, s in jobs}
 
     # fail fast: split overlap, missing plotting package
     test_ids = {s.id for _, s in jobs}
@@ -833,10 +854,11 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
         m["diff_vs_baseline"] = None
         if baseline is not None and name != baseline:
             m["diff_vs_baseline"] = paired_difference(totals[name], totals[baseline],
-                                                      n_bootstrap, level, seed)
+                                                      n_bootstrap, level, seed, scenario_of)
             if wins[name] and wins[baseline]:
                 m["asr_diff_vs_baseline"] = paired_difference(wins[name], wins[baseline],
-                                                              n_bootstrap, level, seed)
+                                                              n_bootstrap, level, seed,
+                                                              scenario_of)
         results["agents"][name] = {"spec": spec.describe(), **m, "split_check": checks[name],
                                    **timing[name], "per_episode": _per_episode(runs[name])}
     if out is not None:
