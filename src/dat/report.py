@@ -146,7 +146,8 @@ def format_markdown(results: dict) -> str:
         format_table(results), "",
         (f"Reward: per-episode total (sum over rounds where every round is rewarded), mean ± "
         f"standard error; {level} % percentile bootstrap CI ({results.get('n_bootstrap')} "
-        f"resamples). Δ: paired per-episode difference to the baseline with its bootstrap CI (resampling scenarios when a scenario has several episodes). "
+        f"resamples). Δ: paired per-episode difference to the baseline with its bootstrap CI "
+        f"(resampling scenarios when a scenario has several episodes). "
         f"Episodes whose judge failed are left out of reward figures. Perplexity: of the "
         f"agent's own non-empty replies under the model without action tokens. Words: "
         f"lower-cased word tokens. Truncated: ended at max_new_tokens without an end-of-turn "
