@@ -147,6 +147,28 @@ def test_corpus_without_steered_utterances_is_a_clear_error(lm, tmp_path):
         dc.clone(lm, d, tmp_path / "out", small())
 
 
+def test_an_exploration_buffer_is_not_a_corpus(lm, tmp_path):
+    d = write_corpus(tmp_path / "explore", lm, make_episodes(lm, n=2))
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, "kind": "exploration"}))
+    with pytest.raises(DatError, match="exploration buffer.*unsteered corpus"):
+        dc.clone(lm, d, tmp_path / "out", small())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_trained_clone_is_never_overwritten_unasked(lm, corpus, trained, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(trained.out_dir, out, ignore=shutil.ignore_patterns("checkpoints"))
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(DatError, match="already holds a trained agent.*--overwrite"):
+        dc.clone(lm, corpus, out, small(epochs=1, fidelity=False))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert (out / "fidelity.json").is_file()
+    dc.clone(lm, corpus, out, small(epochs=1, fidelity=False, overwrite=True))
+    assert (out / "model.safetensors").read_bytes() != before
+    assert not (out / "fidelity.json").exists()  # it described the replaced weights
+
+
 def test_missing_or_bad_corpus_is_a_clear_error(lm, tmp_path):
     with pytest.raises(DatError, match="does not exist"):
         dc.clone(lm, tmp_path / "nope", tmp_path / "out", small())

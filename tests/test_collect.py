@@ -82,3 +82,36 @@ def test_bad_env_and_missing_data(tmp_path):
 @pytest.mark.parametrize("cmd", ["info", "generate", "collect", "directions"])
 def test_help(cmd):
     assert "Usage" in dat(cmd, "--help").stdout
+
+
+@pytest.mark.parametrize("bad", [{"rounds": 0}, {"max_new_tokens": 0}, {"act_norm": -1.0},
+                                 {"noise": -1.0}, {"explore_directions": -1},
+                                 {"act_norm": float("nan")}])
+def test_invalid_values_are_refused_before_anything_is_written(tiny_lm, tmp_path, bad):
+    from dat.collect import CollectConfig, collect
+    from dat.errors import DatError
+
+    out = tmp_path / "buf"
+    base = {"out": str(out), "episodes": 2, "rounds": 1, "max_new_tokens": 4, "batch_size": 2,
+            "up_mapping": "pca", "action_dim": 4, "progress": False}
+    name = next(iter(bad)).replace("_", "-")
+    with pytest.raises(DatError, match=f"--{name} must be"):
+        collect(CollectConfig(**{**base, **bad}), lm=tiny_lm)
+    assert not (out / "meta.json").exists()  # nothing written: the fixed command runs
+    collect(CollectConfig(**base), lm=tiny_lm)
+    assert Buffer(out).episode_ids() == [0, 1]
+
+
+def test_a_read_only_out_folder_is_one_clear_line(tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits: make --out a path under a regular file instead
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "buf"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = ro / "buf"
+    p = dat("collect", "--out", str(out), "--episodes", "1", *ARGS, check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "error:" in p.stdout and "Traceback" not in p.stdout + p.stderr

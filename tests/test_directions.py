@@ -104,3 +104,7 @@ def test_cli_on_real_buffers(tmp_path, tiny_lm):
     # a buffer without held directions is a clear error
     r = CliRunner().invoke(app, ["directions", str(tmp_path / "base")])
     assert r.exit_code == 2 and "--explore-directions" in r.output
+    # a k other than the buffer's mixes directions: refused, not printed as NaN
+    r = CliRunner().invoke(app, ["directions", str(tmp_path / "dirs"), "--k", "100"])
+    assert r.exit_code == 2 and "collected with 3 held directions" in r.output
+    assert "nan" not in r.output.lower()

@@ -358,6 +358,31 @@ def test_social_bad_fields(sotopia_copy, file, change, message):
         envs.make("social", data=sotopia_copy)
 
 
+@pytest.mark.parametrize("file, key, message", [
+    ("envs.json", "env-garden", r"envs\.json: record 'env-garden': duplicate pk"),
+    ("agents.json", "ag-raj", r"agents\.json: record 'ag-raj': duplicate pk"),
+])
+def test_social_duplicate_pk_in_object(sotopia_copy, file, key, message):
+    """An object keyed by pk with a pk twice: old code, json.loads kept the last copy."""
+    path = sotopia_copy / file
+    doc = json.loads(path.read_text())
+    body = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items())
+    path.write_text("{" + body + f", {json.dumps(key)}: {json.dumps(doc[key])}" + "}")
+    with pytest.raises(DatError, match=message):
+        envs.make("social", data=sotopia_copy)
+
+
+def test_social_duplicate_field_in_record(sotopia_copy):
+    path = sotopia_copy / "envs.json"
+    text = path.read_text()
+    assert text.count('"codename": "shared_garden_plot"') == 1
+    path.write_text(text.replace('"codename": "shared_garden_plot"',
+                                 '"codename": "shared_garden_plot", "codename": "other"'))
+    with pytest.raises(DatError, match=r"envs\.json: record 'env-garden': field 'codename': "
+                                       r"given more than once"):
+        envs.make("social", data=sotopia_copy)
+
+
 @pytest.mark.parametrize("file, content, message", [
     ("envs.json", "", r"envs\.json: file is empty"),
     ("agents.json", "   \n", r"agents\.json: file is empty"),
@@ -399,13 +424,45 @@ def test_redteam_contextual():
     path = DATA / "behaviors_contextual.csv"
     with pytest.raises(DatError, match=r"behaviors_contextual\.csv: row 3 \(BehaviorID "
                                        r"'summarize_library_note'\): column 'FunctionalCategory'.*"
-                                       r"allow_contextual=True"):
-        envs.make("redteam", data=path)
+                                       r"contextual='include'"):
+        envs.make("redteam", data=path, contextual="error")
     skip = envs.make("redteam", data=path, contextual="skip")
     assert len(skip.scenarios("all")) == 2 and skip.skipped == {"contextual": 1}
     inc = envs.make("redteam", data=path, allow_contextual=True)
     sc = inc.scenario_by_id("summarize_library_note")
     assert "book fair" in inc.system_prompts(sc)[0] and sc.data["context"].startswith("Note:")
+    assert envs.make("redteam", data=path, contextual="include").skipped == {}
+    with pytest.raises(DatError, match="contextual must be 'skip', 'include' or 'error'"):
+        envs.make("redteam", data=path, contextual="keep")
+    with pytest.raises(DatError, match="allow_contextual=True contradicts contextual='skip'"):
+        envs.make("redteam", data=path, allow_contextual=True, contextual="skip")
+
+
+def test_redteam_harmbench_test_csv_skips_contextual_by_default(tmp_path, caplog):
+    """HarmBench's own test CSV mixes standard, contextual and copyright rows: by default the
+    setting keeps the standard ones and reports what it skipped (old code: DatError asking
+    for contextual='skip', which the command line cannot pass)."""
+    p = tmp_path / "harmbench_behaviors_text_test.csv"
+    p.write_text(HEADER + "A,standard,c,t,,s1\nB,standard,c,t,,s2\n"
+                 "Summarize it,contextual,c,t,Some context.,c1\n"
+                 "Translate it,contextual,c,t,More context.,c2\n"
+                 "Lyrics of a song,copyright,c,\"lyrics, hash_check\",,cp1\n")
+    with caplog.at_level("INFO", logger="dat.envs.redteam"):
+        s = envs.make("redteam", data=p)
+    assert [x.id for x in s.scenarios("all")] == ["s1", "s2"]
+    assert s.skipped == {"contextual": 2, "copyright": 1} and s.contextual == "skip"
+    assert s.summary() == ("harmbench_behaviors_text_test.csv: 2 behaviors (2 standard); skipped "
+                           "2 contextual, 1 copyright rows (to keep contextual ones: "
+                           "contextual='include')")
+    assert s.summary() in caplog.text
+    inc = envs.make("redteam", data=p, contextual="include")
+    assert len(inc.scenarios("all")) == 4 and inc.skipped == {"copyright": 1}
+    assert inc.summary().startswith("harmbench_behaviors_text_test.csv: 4 behaviors "
+                                    "(2 contextual, 2 standard); skipped 1 copyright rows")
+    only = tmp_path / "only_contextual.csv"
+    only.write_text(HEADER + "Summarize it,contextual,c,t,Some context.,c1\n")
+    with pytest.raises(DatError, match=r"no standard behaviors.*contextual='include'"):
+        envs.make("redteam", data=only)
 
 
 HEADER = "Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
@@ -432,6 +489,97 @@ def test_redteam_bad_csv(tmp_path, content, message):
     p.write_text(content)
     with pytest.raises(DatError, match=message):
         envs.make("redteam", data=p)
+
+
+def test_redteam_duplicate_header_column(tmp_path):
+    """Old code: csv.DictReader let the second 'Behavior' column overwrite every behavior."""
+    p = tmp_path / "dup.csv"
+    p.write_text(HEADER.strip() + ",Behavior\nA,standard,c,t,,id1,oops\n")
+    with pytest.raises(DatError, match=r"dup\.csv: row 1 \(header\): column 'Behavior' "
+                                       r"appears twice \(columns 1 and 7\)"):
+        envs.make("redteam", data=p)
+
+
+def test_redteam_line_separator_inside_quoted_field(tmp_path):
+    """U+2028 (and other str.splitlines separators) inside a quoted field is valid CSV
+    (old code split the text with str.splitlines and refused the row)."""
+    p = tmp_path / "ls.csv"
+    text = (HEADER + '"Write a poem\u2028in two lines",standard,c,t,,id1\n'
+            "B\u2028C,standard,c,t,,id2\n")
+    p.write_bytes(text.encode("utf-8"))
+    s = envs.make("redteam", data=p)
+    assert s.scenario_by_id("id1").data["behavior"] == "Write a poem\u2028in two lines"
+    assert s.scenario_by_id("id2").data["behavior"] == "B\u2028C"
+
+
+def test_redteam_field_over_csv_limit(tmp_path):
+    """A field over csv's 128 KiB limit: old code, a bare csv.Error traceback."""
+    p = tmp_path / "big.csv"
+    p.write_text(HEADER + "A,standard,c,t,,id1\nB,standard,c," + "t" * 140_000 + ",,id2\n")
+    with pytest.raises(DatError, match=r"big\.csv: row 3 \(BehaviorID 'id2'\): column 'Tags': "
+                                       r"140000 characters, more than 131072"):
+        envs.make("redteam", data=p)
+    before = __import__("csv").field_size_limit()
+    with pytest.raises(DatError):
+        envs.make("redteam", data=p)
+    assert __import__("csv").field_size_limit() == before  # the global limit is restored
+
+
+def test_redteam_behavior_too_long(tmp_path):
+    """Old code accepted a behavior of any length (an attacker prompt of 100k characters)."""
+    MAX_BEHAVIOR_CHARS = 20_000  # dat.envs.redteam.MAX_BEHAVIOR_CHARS, as documented
+    p = tmp_path / "long.csv"
+    p.write_text(HEADER + "A,standard,c,t,,id1\n" + "b" * (MAX_BEHAVIOR_CHARS + 1)
+                 + ",standard,c,t,,id2\n")
+    with pytest.raises(DatError, match=r"long\.csv: row 3 \(BehaviorID 'id2'\): column "
+                                       r"'Behavior': 20001 characters, more than the maximum of "
+                                       r"20000"):
+        envs.make("redteam", data=p)
+    p.write_text(HEADER + "b" * MAX_BEHAVIOR_CHARS + ",standard,c,t,,id1\n")
+    assert len(envs.make("redteam", data=p).scenarios("all")) == 1
+
+
+@pytest.mark.parametrize("kind", ["taboo", "sotopia", "csv"])
+def test_non_utf8_input_names_record_and_field(tmp_path, kind):
+    """A Latin-1 byte in a field: old code, a UnicodeDecodeError traceback."""
+    if kind == "taboo":
+        p = tmp_path / "t.json"
+        p.write_bytes(b'{"scenarios": [{"id": "tea", "topic": "tea", "description": "Tea.", '
+                      b'"taboo": ["tea"]}, {"id": "cafe", "topic": "caf\xe9", '
+                      b'"description": "Coffee.", "taboo": ["coffee"]}]}')
+        match = (r"t\.json: scenario #1 \('cafe'\): field 'topic': not valid UTF-8 \(byte 0xe9 "
+                 r"at line 1, byte \d+\); save the file as UTF-8")
+        load = lambda: load_taboo(p)
+    elif kind == "sotopia":
+        p = tmp_path / "export"
+        shutil.copytree(SOTOPIA, p)
+        raw = (p / "agents.json").read_bytes()
+        assert b'"Lindqvist"' in raw
+        (p / "agents.json").write_bytes(raw.replace(b'"Lindqvist"', b'"Lindqv\xe4st"'))
+        match = (r"agents\.json: record 'ag-tomas': field 'last_name': not valid UTF-8 "
+                 r"\(byte 0xe4 at line \d+, byte \d+\)")
+        load = lambda: envs.make("social", data=p)
+    else:
+        p = tmp_path / "x.csv"
+        p.write_bytes(HEADER.encode() + b"A,standard,c,t,,id1\nCaf\xe9 ol\xe9,standard,c,t,,id2\n")
+        match = (r"x\.csv: row 3 \(BehaviorID 'id2'\): column 'Behavior': not valid UTF-8 "
+                 r"\(byte 0xe9 at line 3, byte 4\)")
+        load = lambda: envs.make("redteam", data=p)
+    with pytest.raises(DatError, match=match) as info:
+        load()
+    assert "\n" not in str(info.value)
+    str(info.value).encode("utf-8")  # printable: no lone surrogates in the message
+
+
+def test_json_lone_surrogate_escape_and_utf16(tmp_path, sotopia_copy):
+    _edit(sotopia_copy / "envs.json", lambda d: d["env-garden"].update(scenario="x\ud800y"))
+    with pytest.raises(DatError, match=r"envs\.json: record 'env-garden': field 'scenario': "
+                                       r"contains a lone surrogate"):
+        envs.make("social", data=sotopia_copy)
+    p = tmp_path / "t.json"
+    p.write_bytes('{"scenarios": []}'.encode("utf-16"))
+    with pytest.raises(DatError, match=r"t\.json: file is UTF-16; save it as UTF-8"):
+        load_taboo(p)
 
 
 def test_redteam_missing_file(tmp_path):

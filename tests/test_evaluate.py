@@ -458,3 +458,18 @@ def test_evaluate_reports_social_dimensions_and_asr(tiny_lm, tmp_path, setting_c
         assert (d["n"], d["pairs"]) == (2, 3)
     assert (tmp_path / "reward.png").read_bytes()[:8] == PNG_MAGIC
     assert doc["agents"]["random"]["language"]["truncation_source"] == "generation"
+
+
+def test_eval_cli_refuses_a_planner_named_like_the_baseline(tmp_path):
+    from typer.testing import CliRunner
+
+    from dat.cli import app
+
+    d = _planner_dir(tmp_path)
+    for item in (f"unsteered={d}", f"x={d} x={d}"):
+        args = ["eval", "--out", str(tmp_path / "r")]
+        for a in item.split():
+            args += ["--agent", a]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "is taken" in r.output, r.output
+    assert not (tmp_path / "r").exists()

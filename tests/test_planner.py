@@ -84,3 +84,34 @@ def test_not_a_planner_folder(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(DatError, match="not a valid Planner config"):
         Planner.from_pretrained(tmp_path)
+
+
+def test_broken_saved_planners_are_clear_errors(tmp_path):
+    import json as _json
+
+    import pytest as _pytest
+    from safetensors.torch import load_file, save_file
+
+    from dat.errors import DatError
+    from dat.planner import Planner, PlannerConfig
+
+    d = Planner(PlannerConfig(8, 4)).save_pretrained(tmp_path / "p")
+    weights = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
+    with _pytest.raises(DatError, match="model.safetensors: unreadable weights"):
+        Planner.from_pretrained(d)
+    (d / "model.safetensors").write_bytes(weights)
+    state = load_file(str(d / "model.safetensors"))
+    first = min(k for k in state if state[k].is_floating_point())
+    state[first][...] = float("nan")
+    save_file(state, str(d / "model.safetensors"))
+    with _pytest.raises(DatError, match="non-finite"):
+        Planner.from_pretrained(d)  # at load, before any episode runs
+    (d / "model.safetensors").write_bytes(weights)
+    cfg = (d / "config.json").read_text()
+    (d / "config.json").write_bytes("{\"hidden_size\": 8, \"x\": \"\xe9\"}".encode("latin-1"))
+    with _pytest.raises(DatError, match="config.json: not a valid Planner config"):
+        Planner.from_pretrained(d)
+    (d / "config.json").write_text(cfg)
+    assert _json.loads(cfg)["hidden_size"] == 8
+    Planner.from_pretrained(d)

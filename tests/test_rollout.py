@@ -96,3 +96,27 @@ def test_prefix_cache_equals_full_reencoding(default_lm, taboo, steered):
         assert [t.text for t in a.episode.turns] == [t.text for t in b.episode.turns]
         assert torch.allclose(a.states, b.states, atol=1e-4)
         assert a.rewards == pytest.approx(b.rewards, abs=1e-5)
+
+
+def test_a_judge_failing_on_the_whole_first_batch_stops_the_run(tiny_lm):
+    import pytest
+
+    from dat.envs import Reward, Taboo
+    from dat.errors import DatError
+    from dat.rollout import JudgeFailedError
+
+    class Unjudgeable(Taboo):
+        def reward(self, episodes, round_index):
+            self.calls = getattr(self, "calls", 0) + 1
+            return [Reward(None, {"raw": "I cannot write JSON"}, failed=True) for _ in episodes]
+
+    setting = Unjudgeable(rounds=2)
+    jobs = episode_jobs(setting, 4)
+    cfg = RolloutConfig(batch_size=2, max_new_tokens=3)
+    with pytest.raises(JudgeFailedError, match="failed on all 2 episodes.*--judge 'api:.*"
+                                               "--allow-judge-failures") as info:
+        Rollout(tiny_lm, setting, config=cfg).run(jobs)
+    assert isinstance(info.value, DatError) and setting.calls == 1  # stopped at once
+    done = Rollout(tiny_lm, setting, config=RolloutConfig(
+        batch_size=2, max_new_tokens=3, allow_judge_failures=True)).run(jobs)
+    assert len(done) == 4 and all(r.judge_failed for r in done)

@@ -242,6 +242,103 @@ def test_invalid_requests_get_400(server, body, param):
     assert err["param"] == param
 
 
+def test_seed_out_of_range_gets_400(server):
+    # torch seeds take 64 bits: 2**100 used to pass validation and fail in the worker (500)
+    for seed in (2**100, -1, True):
+        r = post(server, {"model": "dat-plain", "messages": HI, "max_tokens": 2, "temperature": 1,
+                          "seed": seed})
+        assert r.status_code == 400, (seed, r.text)
+        assert r.json()["error"]["param"] == "seed"
+    r = post(server, {"model": "dat-plain", "messages": HI, "max_tokens": 2, "temperature": 1,
+                      "seed": 2**63 - 1})
+    assert r.status_code == 200, r.text
+
+
+def test_boolean_max_tokens_gets_400(server):
+    # pydantic reads JSON true as 1; a boolean is not a token count
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = post(server, {"model": "dat-plain", "messages": HI, field: True})
+        assert r.status_code == 400, (field, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == field
+
+
+class InProcessServer:
+    """`create_app` under uvicorn in a thread, on loopback: for settings the CLI does not take."""
+
+    def __init__(self, engine, config):
+        import uvicorn
+
+        from dat.serve import create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def test_body_over_limit_gets_413(default_lm):
+    from dat.serve import Engine, ServeConfig
+
+    with InProcessServer(Engine(default_lm), ServeConfig(max_body_bytes=4096)) as srv:
+        url = srv.url + "/v1/chat/completions"
+        big = json.dumps({"model": "dat", "messages": [{"role": "user", "content": "word " * 2000}],
+                          "max_tokens": 2}).encode()
+        assert len(big) > 4096
+        headers = {"Content-Type": "application/json"}
+        chunks = [big[:3000], big[3000:]]
+        for content in (big, iter(chunks)):  # with Content-Length, then chunked (no length)
+            r = httpx.post(url, content=content, headers=headers, timeout=30)
+            assert r.status_code == 413, r.text
+            err = r.json()["error"]
+            assert err["code"] == "request_too_large" and "4096" in err["message"]
+            assert err["type"] == "invalid_request_error"
+        small = {"model": "dat", "messages": HI, "max_tokens": 2, "temperature": 0}
+        r = httpx.post(url, json=small, timeout=60)  # under the limit: served as usual
+        assert r.status_code == 200, r.text
+        assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+
+
+def test_health_answers_while_a_big_prompt_is_tokenised(server):
+    # ~3 MB of prompt (under the default 4 MiB limit) takes seconds to template and tokenise;
+    # that used to run on the event loop and stall every client, /health included.
+    body = {"model": "dat", "messages": [{"role": "user", "content": "word " * 600_000}], "max_tokens": 4}
+    outcome = {}
+
+    def send():
+        t0 = time.monotonic()
+        outcome["status"] = post(server, body).status_code
+        outcome["seconds"] = time.monotonic() - t0
+
+    big = threading.Thread(target=send)
+    latencies = []
+    with httpx.Client(timeout=30) as client:
+        assert client.get(server.url + "/health").status_code == 200
+        big.start()
+        while big.is_alive():
+            t0 = time.monotonic()
+            assert client.get(server.url + "/health").status_code == 200
+            latencies.append(time.monotonic() - t0)
+            time.sleep(0.05)
+    big.join()
+    assert outcome["status"] == 400  # over the model's context: refused after tokenising
+    assert outcome["seconds"] > 1.0, "the prompt was tokenised too fast for this test to mean much"
+    assert len(latencies) >= 5 and max(latencies) < 0.5 * outcome["seconds"], (latencies, outcome)
+
+
 def test_context_limit_and_unknown_model(server):
     long = [{"role": "user", "content": "word " * 9000}]
     r = post(server, {"model": "dat", "messages": long, "max_tokens": 4})

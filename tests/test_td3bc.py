@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -310,8 +311,45 @@ def test_resume_refuses_a_different_batch_size(tmp_path):
     train(data, tmp_path, fast(max_steps=2))
     with pytest.raises(DatError, match="batch_size"):
         train(data, tmp_path, fast(batch_size=32))
-    res = train(data, tmp_path, fast(batch_size=32, resume=False, max_steps=3))
+    res = train(data, tmp_path, fast(batch_size=32, overwrite=True, max_steps=3))
     assert res.steps == 3
+
+
+def test_resume_refuses_another_run_naming_what_differs(tmp_path):
+    data, _ = bandit_data()
+    train(data, tmp_path, fast(max_steps=2, checkpoint_every=1))
+    other, _ = bandit_data(seed=1)  # another buffer of the same size
+    with pytest.raises(DatError, match=r"another run; these differ: data"):
+        train(other, tmp_path, fast(max_steps=4))
+    with pytest.raises(DatError, match=r"differ: actor_lr .*alpha"):
+        train(data, tmp_path, fast(max_steps=4, alpha=1.0, actor_lr=1e-4))
+    assert train(data, tmp_path, fast(max_steps=4)).steps == 4  # the same run resumes
+
+
+def test_a_trained_agent_is_never_overwritten_unasked(tmp_path):
+    data, _ = bandit_data()
+    first = train(data, tmp_path / "a", fast(max_steps=2, checkpoint_every=0))
+    before = (tmp_path / "a" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "a" / "checkpoints")  # e.g. a copied agent: no checkpoints
+    with pytest.raises(DatError, match="already holds a trained agent.*--overwrite"):
+        train(data, tmp_path / "a", fast(max_steps=2))
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == before
+    with pytest.raises(DatError, match="is the starting planner"):
+        train(data, tmp_path / "a", fast(max_steps=2, overwrite=True), init=tmp_path / "a")
+    (tmp_path / "a" / "clone.json").write_text("{}")  # a summary of the weights to be replaced
+    train(data, tmp_path / "a", fast(max_steps=3, overwrite=True, seed=1))
+    assert not (tmp_path / "a" / "clone.json").exists()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != before
+    assert first.steps == 2
+
+
+def test_a_garbled_checkpoint_state_is_a_clear_error(tmp_path):
+    data, _ = bandit_data()
+    train(data, tmp_path, fast(max_steps=2, checkpoint_every=1))
+    state = next((tmp_path / "checkpoints").glob("step-*")) / "state.json"
+    state.write_bytes(b"\xff{not json")
+    with pytest.raises(DatError, match=r"state.json: unreadable checkpoint state"):
+        train(data, tmp_path, fast(max_steps=4))
 
 
 def test_save_load_round_trip_with_up_mapping(tmp_path):

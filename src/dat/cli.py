@@ -44,14 +44,31 @@ DEMO_DIALOGUES = [
 ]
 
 
+JUDGE_FAILURES_OPTION = typer.Option(
+    False, help="Go on even when the judge fails on every episode of the first judged batch "
+                "(by default the run stops there with a message naming judges that work).")
+
+
 def _run(fn):
-    """Turn dat's own errors into a one-line message and exit code 2."""
+    """Turn dat's own errors (and unwritable output folders) into a one-line message and
+    exit code 2."""
+    import errno
+
     from dat.errors import DatError
 
     try:
         return fn()
     except DatError as exc:
         console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except OSError as exc:  # a read-only or full output folder, a vanished file
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                             errno.ENOTDIR):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        console.print(f"[bold red]error:[/] cannot write{where}: {exc.strerror}. Check that the "
+                      "output folder is a writable folder and its disk has room; rerunning "
+                      "resumes.")
         raise typer.Exit(2) from None
 
 
@@ -177,6 +194,10 @@ def collect(
                                   "order (each then gets about episodes / N episodes)."),
     end_at_sentence: bool = typer.Option(False, help="Replies cut off by --max-new-tokens end at "
                                          "their last complete sentence."),
+    allow_judge_failures: bool = JUDGE_FAILURES_OPTION,
+    include_contextual: bool = typer.Option(False, help="redteam: also keep HarmBench's "
+                                            "contextual behaviours (default: skip and count "
+                                            "them)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     backend: str = BACKEND_OPTION,
     terminal_states: bool = typer.Option(
@@ -201,7 +222,9 @@ def collect(
                         layer=layer, residual_scale=residual_scale,
                         residual_positions=residual_positions, action_dim=action_dim,
                         n_tokens=n_tokens, position=position, scenarios=scenarios,
-                        end_at_sentence=end_at_sentence)
+                        end_at_sentence=end_at_sentence,
+                        allow_judge_failures=allow_judge_failures,
+                        include_contextual=include_contextual)
     if use_ray or num_workers or address:
         from dat.distributed import RayConfig, collect_ray
 
@@ -234,6 +257,8 @@ def serve(
     backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
                                 "(pip install 'dat[vllm]'; replies are sent whole, not streamed "
                                 "token by token)."),
+    max_body_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest request body accepted; "
+                                       "larger ones get a 413."),
 ) -> None:
     """Serve the model (steered by a planner, if given) over an OpenAI-compatible HTTP API."""
     from dat.serve import serve_command
@@ -242,7 +267,8 @@ def serve(
                                api_key_env=api_key_env, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                served_model_name=served_model_name,
                                default_max_tokens=default_max_tokens, device=device, dtype=dtype,
-                               threads=threads, log_level=log_level, backend=backend))
+                               threads=threads, log_level=log_level, backend=backend,
+                               max_body_bytes=max_body_bytes))
 
 
 @app.command("clone")
@@ -262,6 +288,7 @@ def clone_cmd(
     batch_size: int = typer.Option(8, help="Examples per forward/backward pass."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
     lr: float = typer.Option(3e-4, help="Planner AdamW learning rate (linear decay)."),
+    overwrite: bool = typer.Option(False, help="Replace a trained agent already in --out."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -274,7 +301,7 @@ def clone_cmd(
         cfg = CloneConfig(action_dim=action_dim, n_tokens=n_tokens, position=position, act_norm=act_norm,
                           epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed,
                           action=action, layer=layer, residual_scale=residual_scale,
-                          residual_positions=residual_positions)
+                          residual_positions=residual_positions, overwrite=overwrite)
         cfg.validate()
         return clone(lm, corpus, out, cfg)
 
@@ -299,6 +326,7 @@ def train_cmd(
                                   "TD3+BC) | best (the critic's best of --bc-candidates data "
                                   "actions; for buffers of held random directions)."),
     bc_candidates: int = typer.Option(64, help="Data actions the 'best' BC target picks from."),
+    overwrite: bool = typer.Option(False, help="Replace a trained agent already in --out."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -320,7 +348,8 @@ def train_cmd(
                 up = UpMapping.from_pretrained(Path(init) / UP_MAPPING_DIR)
         cfg = TD3BCConfig(alpha=alpha, epochs=epochs, batch_size=batch_size, actor_lr=actor_lr,
                           critic_lr=critic_lr, per_scenario=per_scenario, bc_target=bc_target,
-                          bc_candidates=bc_candidates, seed=seed, device=device)
+                          bc_candidates=bc_candidates, overwrite=overwrite, seed=seed,
+                          device=device)
         return train_from_buffer(buffer, out, cfg, init=init, up_mapping=up)
 
     res = _run(go)
@@ -344,6 +373,7 @@ def eval_cmd(
     batch_size: int = typer.Option(32),
     temperature: float = typer.Option(0.0),
     split: str = typer.Option("test"),
+    allow_judge_failures: bool = JUDGE_FAILURES_OPTION,
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     backend: str = BACKEND_OPTION,
@@ -361,16 +391,21 @@ def eval_cmd(
     def go():
         if use_ray or num_workers or address:
             _hf_only(backend, "--ray")
-        lm = _load_lm(model, backend, device)
-        setting = make_setting(env, data, judge, lm, rounds)
-        agents = {"unsteered": AgentSpec()}
+        agents = {"unsteered": AgentSpec()}  # parsed first: a bad --agent fails at once
         for item in agent or []:
             name, sep, path = item.partition("=")
             if not sep:
                 raise DatError(f"--agent expects NAME=PLANNER_DIR, got {item!r}")
+            if name in agents:
+                raise DatError(f"--agent {item!r}: the name {name!r} is taken"
+                               + (" by the unsteered baseline" if name == "unsteered" else "")
+                               + "; give each agent its own name.")
             agents[name] = AgentSpec.from_dir(path)
+        lm = _load_lm(model, backend, device)
+        setting = make_setting(env, data, judge, lm, rounds)
         cfg = RolloutConfig(batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed)
+                            temperature=temperature, seed=seed,
+                            allow_judge_failures=allow_judge_failures)
         if not (use_ray or num_workers or address):
             return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg,
                             out_dir=out, scenarios=scenarios)

@@ -148,6 +148,7 @@ class CloneConfig:
     log_dir: str | None = None  # None: <out_dir>/logs
     keep_checkpoints: int = 1  # epoch checkpoints kept (0 = all)
     resume: bool = True  # continue after the last epoch checkpoint in out_dir
+    overwrite: bool = False  # replace a trained agent already in out_dir (otherwise refused)
     progress: bool = True
 
     @property
@@ -260,6 +261,10 @@ def load_corpus(corpus_dir: str | os.PathLike) -> tuple[list[CloneExample], dict
         raise DatError(f"corpus folder {d} does not exist (write one with `dat collect` "
                        "without --planner).")
     buffer = Buffer(d)
+    if buffer.meta.get("kind") == "exploration":
+        raise DatError(f"{d} is an exploration buffer (its replies were steered by actions): "
+                       "self-cloning needs an unsteered corpus, written by `dat collect` "
+                       "without --planner and --up-mapping.")
     return corpus_examples(buffer.episodes(), source=f"corpus {d}"), dict(buffer.meta)
 
 
@@ -686,9 +691,18 @@ def train(lm, examples: Sequence[CloneExample], out_dir: str | os.PathLike,
                                  weight_decay=config.weight_decay)
 
     ckpt_root = out / CHECKPOINTS_DIR
+    last = _latest_checkpoint(ckpt_root) if config.resume else None
+    if last is None and (out / "config.json").is_file():
+        if not config.overwrite:
+            raise DatError(f"{out} already holds a trained agent (config.json) and no checkpoint "
+                           "of this run to resume. Choose another --out, or pass --overwrite "
+                           "(overwrite=True) to replace it.")
+        for stale in (ckpt_root, out / "logs"):  # nothing may describe the weights replaced
+            shutil.rmtree(stale, ignore_errors=True)
+        for name in ("clone.json", "fidelity.json", "td3bc.json"):
+            (out / name).unlink(missing_ok=True)
     if not config.resume and ckpt_root.exists():
         shutil.rmtree(ckpt_root)
-    last = _latest_checkpoint(ckpt_root) if config.resume else None
     history: dict[str, Any] = {"epoch_losses": [], "target_tokens": 0, "seconds": 0.0}
     start_epoch, step = 0, 0
     if last is not None:

@@ -34,7 +34,7 @@ from dat.steer import position_name
 
 # Keys of the settings that may differ when a run is resumed (the folder itself may be moved).
 VOLATILE = ("settings.out", "settings.episodes", "settings.batch_size", "settings.device",
-            "settings.progress")
+            "settings.progress", "settings.allow_judge_failures")
 
 
 @dataclass
@@ -69,6 +69,8 @@ class CollectConfig:
     progress: bool = True
     terminal_states: bool = False  # also store each episode's final state s_T (T + 1 rows)
     end_at_sentence: bool = False  # cut-off replies end at their last complete sentence
+    allow_judge_failures: bool = False  # go on when the first judged batch fails entirely
+    include_contextual: bool = False  # redteam: keep HarmBench's contextual behaviours too
 
 
 def load_policy(lm, planner: str | None, up_mapping: str | None,
@@ -167,7 +169,11 @@ class Collector:
             raise DatError("--episodes and --batch-size must be at least 1.")
         self.cfg = cfg
         self.lm = lm = lm or SteeredLM.from_pretrained(cfg.model, device=cfg.device)
-        self.setting = setting = setting or make_setting(cfg.env, cfg.data, cfg.judge, lm, cfg.rounds)
+        options = {"contextual": "include"} if cfg.include_contextual else {}
+        self.setting = setting = setting or make_setting(cfg.env, cfg.data, cfg.judge, lm,
+                                                         cfg.rounds, **options)
+        if hasattr(setting, "summary"):  # e.g. redteam: which rows it kept and skipped
+            print(setting.summary())
         if partner is None and cfg.partner:
             from dat.partners import make_partner
 
@@ -184,7 +190,7 @@ class Collector:
             temperature=cfg.temperature, noise=cfg.noise, act_norm=cfg.act_norm,
             explore_directions=cfg.explore_directions,
             position=cfg.position, seed=cfg.seed, terminal_states=cfg.terminal_states,
-            end_at_sentence=cfg.end_at_sentence)
+            end_at_sentence=cfg.end_at_sentence, allow_judge_failures=cfg.allow_judge_failures)
         rollout = self.rollout()
         settings = asdict(cfg)
         # the layout is the top-level key below (checked with its own message; buffers written

@@ -143,7 +143,12 @@ def study(buffer_dir, baseline_dir=None, k: int | None = None, splits: int = 50,
           seed: int = 0) -> dict:
     """:func:`direction_effects` of a buffer folder, paired with an unsteered buffer folder."""
     rows, meta = episode_rewards(buffer_dir)
-    k = k or held_directions(meta)
+    held = held_directions(meta)
+    if k is not None and k != held:
+        raise DatError(f"{buffer_dir} was collected with {held} held directions "
+                       f"(--explore-directions {held}); k = {k} would mix their episodes. "
+                       "Leave k out to use the buffer's own.")
+    k = held
     base = baseline_rewards(baseline_dir) if baseline_dir else None
     out = direction_effects(rows, k, base, splits=splits, seed=seed)
     out["buffer"], out["baseline"] = str(buffer_dir), None if baseline_dir is None else str(baseline_dir)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -97,10 +98,12 @@ class _Pretrained(nn.Module):
         if not cfg_path.is_file() or not (d / WEIGHTS_NAME).is_file():
             raise DatError(f"{d} is not a saved {cls.__name__}: expected {CONFIG_NAME} and {WEIGHTS_NAME}.")
         try:
-            raw = json.loads(cfg_path.read_text())
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
             config = cls.config_class(**raw)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise DatError(f"{cfg_path}: not a valid {cls.__name__} config ({exc}).") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise DatError(f"{cfg_path}: not a valid {cls.__name__} config ({exc}).") from None
         if hidden_size is not None and hasattr(hidden_size, "hidden_size"):
             hidden_size = hidden_size.hidden_size
         if hidden_size is not None and int(hidden_size) != config.hidden_size:
@@ -110,8 +113,20 @@ class _Pretrained(nn.Module):
                 f"{hidden_size}. Train or clone a planner for this model."
             )
         module = cls(config)
-        state = load_file(str(d / WEIGHTS_NAME))
-        missing, unexpected = module.load_state_dict(state, strict=False)
+        try:
+            state = load_file(str(d / WEIGHTS_NAME))
+        except (SafetensorError, OSError) as exc:
+            raise DatError(f"{d / WEIGHTS_NAME}: unreadable weights ({exc}); the file is corrupt "
+                           "or truncated.") from None
+        bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        if bad:
+            raise DatError(f"{d / WEIGHTS_NAME}: non-finite (NaN or inf) values in {bad}; these "
+                           "weights cannot steer anything.")
+        try:
+            missing, unexpected = module.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise DatError(f"{d / WEIGHTS_NAME}: does not fit its {CONFIG_NAME} "
+                           f"({str(exc).splitlines()[-1].strip()}).") from None
         if missing or unexpected:
             raise DatError(f"{d / WEIGHTS_NAME}: missing tensors {missing}, unexpected {unexpected}.")
         return module.to(device)

@@ -57,6 +57,9 @@ class RolloutConfig:
     # a reply cut off by max_new_tokens ends at its last complete sentence (if it has one),
     # so that nobody answers half a sentence; the token counts still say it hit the limit
     end_at_sentence: bool = False
+    # a judge that fails on every episode of the first judged batch would waste the whole
+    # run: stop then with a clear message, unless this is set
+    allow_judge_failures: bool = False
 
 
 @dataclass
@@ -148,6 +151,7 @@ class Rollout:
         self.action_dim = agent.action_dim if agent is not None else 0
         self.generated_tokens = 0
         self._calls = 0
+        self._judged = False  # has a first batch been judged yet
         self._seeds: dict[str, PrefixCache] = {}
 
     # ------------------------------------------------------------------ actions
@@ -248,6 +252,10 @@ class Rollout:
                     raise DatError(f"Setting {self.setting.name!r} returned {type(rew).__name__}, "
                                    "expected Reward.")
                 s.episode.rewards.append(rew)
+            if not self._judged:
+                self._judged = True
+                if all(rew.failed for rew in rewards) and not self.cfg.allow_judge_failures:
+                    raise JudgeFailedError(self.setting.name, rewards)
 
     def _finish(self, slots: list[_Slot]) -> list[RolloutEpisode]:
         if not slots:
@@ -319,6 +327,21 @@ class Rollout:
 
 
 _SENTENCE_END = re.compile(r"[.!?](?:[\"')\]]*)(?=\s|$)")
+
+
+class JudgeFailedError(DatError):
+    """The first judged batch of a run failed on every episode."""
+
+    def __init__(self, setting: str, rewards: list[Reward]):
+        raw = next((str(r.details.get("raw") or r.details.get("error") or "")
+                    for r in rewards if r.details), "")
+        seen = f" Its last answer began: {raw[:120]!r}." if raw else ""
+        super().__init__(
+            f"the {setting!r} judge failed on all {len(rewards)} episodes of the first judged "
+            f"batch, so this run would score nothing.{seen} Use a judge that can do it, e.g. an "
+            "OpenAI-compatible API judge: --judge 'api:https://api.openai.com/v1?key_env="
+            "OPENAI_API_KEY#gpt-4o' (docs/settings.md, Judges); or go on anyway with "
+            "--allow-judge-failures (failed episodes are kept and never scored as 0).")
 
 
 def last_sentence_end(text: str) -> str:

@@ -10,7 +10,8 @@ position before generation. The same server also answers as ``<name>-plain`` (un
 which makes A/B comparisons against one process easy. Each response carries an extra
 ``dat`` object saying which planner steered it and how many requests shared its batch.
 
-Concurrency: request handlers only validate, tokenise and wait. One worker thread owns the
+Concurrency: request handlers only validate and tokenise (in a thread, off the event loop,
+after refusing bodies over ``max_body_bytes``) and wait. One worker thread owns the
 model. When free, it takes the queued requests and waits at most ``max_wait_ms`` for more,
 up to ``max_batch``, groups them by what a single decoding
 call must share (steered or not; greedy, or the same temperature/top-p/seed) and decodes
@@ -42,6 +43,8 @@ log = logging.getLogger("dat.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
+MAX_SEED = 2**63 - 1
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # 4 MiB: far more than any context window needs
 
 
 # ====================================================================== settings
@@ -63,6 +66,7 @@ class ServeConfig:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     log_level: str = "info"
     backend: str = "hf"  # generation backend: hf | vllm (see dat.backends)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies are refused with a 413
 
     def validate(self) -> None:
         from dat.backends import check_backend
@@ -80,6 +84,8 @@ class ServeConfig:
             raise DatError(f"threads must be >= 1, got {self.threads}.")
         if not self.served_model_name.strip():
             raise DatError("served_model_name must not be empty.")
+        if self.max_body_bytes < 1:
+            raise DatError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}.")
 
 
 def read_api_key(env_var: str | None) -> str | None:
@@ -108,9 +114,21 @@ class RequestError(Exception):
 
 
 # ====================================================================== requests
+def _not_bool(value):
+    """JSON ``true``/``false`` is not a number (pydantic would read it as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")  # noqa: TRY004 - pydantic wants ValueError
+    return value
+
+
 def _request_model():
     """Pydantic schema of a chat completion request (built lazily: pydantic is an extra)."""
-    from pydantic import BaseModel, ConfigDict, Field
+    from typing import Annotated
+
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+    Int = Annotated[int, BeforeValidator(_not_bool)]
+    Float = Annotated[float, BeforeValidator(_not_bool)]
 
     class TextPart(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -126,15 +144,15 @@ def _request_model():
         model_config = ConfigDict(extra="allow")
         model: str
         messages: list[Message] = Field(min_length=1)
-        max_tokens: int | None = Field(None, ge=1)
-        max_completion_tokens: int | None = Field(None, ge=1)
-        temperature: float | None = Field(None, ge=0, le=2)
-        top_p: float | None = Field(None, gt=0, le=1)
-        seed: int | None = None
-        n: int | None = None
+        max_tokens: Int | None = Field(None, ge=1)
+        max_completion_tokens: Int | None = Field(None, ge=1)
+        temperature: Float | None = Field(None, ge=0, le=2)
+        top_p: Float | None = Field(None, gt=0, le=1)
+        seed: Int | None = Field(None, ge=0, le=MAX_SEED)  # torch takes at most 64 bits
+        n: Int | None = None
         stop: str | list[str] | None = None
         logprobs: bool | None = None
-        top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+        top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
         stream: bool | None = None
         stream_options: dict | None = None
         presence_penalty: float | None = None
@@ -656,18 +674,46 @@ def create_app(engine: Engine, config: ServeConfig | None = None, api_key: str |
                          "base_model": engine.lm.name}} for m, s in models.items()]
         return {"object": "list", "data": data}
 
+    limit = config.max_body_bytes
+
+    def too_large() -> RequestError:
+        return RequestError(f"The request body is larger than this server's limit of {limit} bytes.",
+                            code="request_too_large", status=413)
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it is known to exceed ``max_body_bytes``
+        (from Content-Length when sent, else while reading): a large body is never buffered."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def admit(body: bytes) -> tuple[Params, bool, list[int], int | None, int]:
+        """Parse, validate and tokenise one request (CPU-bound: runs in a worker thread)."""
+        params = parse_request(body, schema)
+        if params.model not in models:
+            raise RequestError(f"The model '{params.model}' does not exist; this server has "
+                               f"{', '.join(repr(m) for m in models)}.", param="model",
+                               code="model_not_found", status=404)
+        steered = models[params.model]
+        ids, insert_at, max_tokens = engine.prepare(params, steered, config.default_max_tokens)
+        return params, steered, ids, insert_at, max_tokens
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         if (denied := check_key(request)) is not None:
             return denied
         try:
-            params = parse_request(await request.body(), schema)
-            if params.model not in models:
-                raise RequestError(f"The model '{params.model}' does not exist; this server has "
-                                   f"{', '.join(repr(m) for m in models)}.", param="model",
-                                   code="model_not_found", status=404)
-            steered = models[params.model]
-            ids, insert_at, max_tokens = engine.prepare(params, steered, config.default_max_tokens)
+            body = await read_body(request)
+            # Off the event loop: a long prompt takes seconds to template and tokenise, and
+            # meanwhile every other client (and /health) must still be answered.
+            params, steered, ids, insert_at, max_tokens = await asyncio.to_thread(admit, body)
         except RequestError as exc:
             return JSONResponse(status_code=exc.status, content=exc.body())
         job = Job(params, ids, insert_at, steered, max_tokens, asyncio.get_running_loop(), asyncio.Queue())
@@ -775,6 +821,7 @@ def serve_command(
     threads: int | None = None,
     log_level: str = "info",
     backend: str = "hf",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Load the model (and planner) and serve it until interrupted.
 
@@ -786,7 +833,7 @@ def serve_command(
     uvicorn = require("uvicorn", install="pip install 'dat[serve]'", purpose="dat serve")
     config = ServeConfig(model, planner, host, port, api_key_env, max_batch, max_wait_ms,
                          served_model_name, default_max_tokens, device, dtype, threads, log_level,
-                         backend)
+                         backend, max_body_bytes)
     config.validate()
     api_key = read_api_key(api_key_env)  # fail before loading the model
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -153,6 +154,7 @@ class TD3BCConfig:
     checkpoint_every: int = 100  # updates; 0 = only at the end
     keep_checkpoints: int = 1
     resume: bool = True  # continue from the last checkpoint in out_dir; False = start afresh
+    overwrite: bool = False  # replace a trained agent already in out_dir (otherwise refused)
     tensorboard: bool = True
     progress: bool = True
     check_model: bool = True  # planner's base model must match the buffer's (when both known)
@@ -652,6 +654,20 @@ def load_critics(directory: str | os.PathLike,
     return out[0], out[1]
 
 
+def _read_state(checkpoint: Path) -> dict:
+    """A checkpoint's ``state.json``; a garbled one is a clear error naming the file."""
+    f = checkpoint / "state.json"
+    try:
+        state = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatError(f"{f}: unreadable checkpoint state ({exc}); delete {checkpoint} to resume "
+                       "from the one before, or start afresh with --overwrite.") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise DatError(f"{f}: not a dat TD3+BC checkpoint state (no 'config' object); delete "
+                       f"{checkpoint} or start afresh with --overwrite.")
+    return state
+
+
 def _latest_checkpoint(root: Path) -> Path | None:
     found = []
     for p in root.glob("step-*"):
@@ -860,6 +876,53 @@ def train(data: TransitionDataset, out_dir: str | os.PathLike, config: TD3BCConf
                        seconds=sum(r.seconds for r in results.values()), per_scenario=results)
 
 
+# what may change between a run and its resumption (the schedule, logging, where it runs)
+_NOT_RUN_DEFINING = frozenset({"epochs", "max_steps", "log_dir", "log_every", "checkpoint_every",
+                               "keep_checkpoints", "resume", "overwrite", "tensorboard",
+                               "progress", "device", "check_model"})
+
+
+def data_fingerprint(data: TransitionDataset) -> str:
+    """sha256 of the dataset's tensors: the same buffer content gives the same value."""
+    h = hashlib.sha256()
+    for name in ("states", "actions", "rewards", "next_states", "dones"):
+        h.update(getattr(data, name).detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _init_fingerprint(init) -> str | None:
+    if init is None:
+        return None
+    if isinstance(init, Planner):
+        h = hashlib.sha256()
+        for k, v in sorted(init.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().float().numpy().tobytes())
+        return "planner:" + h.hexdigest()[:16]
+    d = Path(init)
+    f = d / "model.safetensors"
+    return f"{d.resolve()}:" + (hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.is_file() else "")
+
+
+def run_identity(data: TransitionDataset, config: TD3BCConfig, init) -> dict:
+    """Everything that defines a training run: a checkpoint resumes only the same run."""
+    cfg = {k: v for k, v in asdict(config).items() if k not in _NOT_RUN_DEFINING}
+    return {"data": data_fingerprint(data), "transitions": len(data),
+            "init": _init_fingerprint(init), **cfg}
+
+
+def _check_out_dir(out: Path, init, config: TD3BCConfig, resumable: bool) -> None:
+    """Refuse to destroy a trained agent: ``init`` itself, or one that this run would replace."""
+    if init is not None and not isinstance(init, Planner) and Path(init).resolve() == out.resolve():
+        raise DatError(f"--out {out} is the starting planner (--init): training would overwrite "
+                       "it. Choose another --out.")
+    trained = (out / CONFIG_NAME).is_file() or (out / "scenarios.json").is_file()
+    if trained and not resumable and not config.overwrite:
+        raise DatError(f"{out} already holds a trained agent ({CONFIG_NAME}) that this run would "
+                       "overwrite, and its checkpoints are not of this run. Choose another "
+                       "--out, or pass --overwrite (overwrite=True) to replace it.")
+
+
 def _train_one(data: TransitionDataset, out: Path, config: TD3BCConfig, init, up_mapping,
                label: str) -> TD3BCResult:
     device = resolve_device(config.device)
@@ -878,11 +941,28 @@ def _train_one(data: TransitionDataset, out: Path, config: TD3BCConfig, init, up
     log_dir = Path(config.log_dir) if config.log_dir else out / "logs"
     if config.per_scenario and config.log_dir:
         log_dir = log_dir / out.name
+    identity = run_identity(data, config, init)
+    last = _latest_checkpoint(ckpt_root) if config.resume else None
+    saved = _read_state(last) if last is not None else None
+    if saved is not None and "run" in saved:
+        differ = sorted(k for k in set(identity) | set(saved["run"])
+                        if identity.get(k) != saved["run"].get(k))
+        if differ and config.overwrite:
+            saved = last = None  # start afresh: the old run's files go below
+        elif differ:
+            raise DatError(f"cannot resume from {last}: it is another run; these differ: "
+                           + ", ".join(f"{k} ({saved['run'].get(k)!r} there, {identity.get(k)!r} "
+                                       "here)" for k in differ)
+                           + ". Use another --out, the same settings, or --overwrite.")
+    _check_out_dir(out, init, config, resumable=saved is not None)
+    if saved is None and config.overwrite:  # nothing of an earlier run may describe this one
+        for stale in (ckpt_root, out / "logs"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for name in (SUMMARY_NAME, "clone.json", "fidelity.json", "scenarios.json"):
+            (out / name).unlink(missing_ok=True)
     if not config.resume and ckpt_root.exists():
         shutil.rmtree(ckpt_root)
-    last = _latest_checkpoint(ckpt_root) if config.resume else None
-    if last is not None:
-        saved = json.loads((last / "state.json").read_text())
+    if saved is not None:
         for key in ("batch_size", "seed"):
             if saved["config"].get(key) != getattr(config, key):
                 raise DatError(f"cannot resume from {last}: it was trained with {key} = "
@@ -902,7 +982,7 @@ def _train_one(data: TransitionDataset, out: Path, config: TD3BCConfig, init, up
 
     def extra() -> dict:
         return {"transitions": n, "steps_per_epoch": steps_per_epoch,
-                "epoch": agent.step / steps_per_epoch}
+                "epoch": agent.step / steps_per_epoch, "run": identity}
 
     last_metrics: dict[str, float] = {}
     t0, start_step = time.perf_counter(), agent.step

@@ -36,13 +36,13 @@ file, the record (pk) and the field.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, hash_split
+from dat.envs.datafiles import duplicates, field_path, first_non_text, not_text, read_json, shown
 from dat.errors import DatError
 
 FILES = ("envs.json", "agents.json", "env_agent_combos.json")
@@ -77,26 +77,40 @@ no narration, no name prefix."""
 def _read_json(path: Path, kind: str):
     if not path.is_file():
         raise DatError(f"{path}: file not found (a Sotopia export needs {', '.join(FILES)})")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DatError(f"{path}: file is empty; expected {kind}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                       f"{exc.msg})") from None
+    doc, utf8_error = read_json(path, kind)
+    bad = first_non_text(doc)
+    if bad is not None:
+        top = bad[0]
+        if isinstance(doc, dict):
+            where = f"record {shown(top)!r}"
+        else:
+            item = doc[top]
+            pk = item.get("pk") if isinstance(item, dict) else None
+            ok = isinstance(pk, (str, int)) and not (isinstance(pk, str) and not_text(pk))
+            named = ok and len(bad) > 1 and bad[1] != "pk"
+            where = f"record {str(pk)!r}" if named else f"record #{top}"
+        if isinstance(doc, dict) and len(bad) == 1 and not_text(top):
+            where += " (its pk)"
+        raise DatError(f"{path}: {where}{field_path(bad[1:])}: "
+                       f"{utf8_error or 'contains a lone surrogate, not text'}")
+    return doc
 
 
 def _records(path: Path, doc, kind: str) -> dict[str, dict]:
     """Records keyed by pk, from a JSON object keyed by pk or a list of records with 'pk'."""
     if isinstance(doc, dict):
+        dup = duplicates(doc)
+        if dup:
+            raise DatError(f"{path}: record {dup[0]!r}: duplicate pk (the object has the key "
+                           f"{dup[0]!r} more than once)")
         items = [(str(k), v) for k, v in doc.items()]
     elif isinstance(doc, list):
         items = []
         for k, v in enumerate(doc):
             if not isinstance(v, dict):
                 raise DatError(f"{path}: record #{k}: expected an object, got {type(v).__name__}")
-            if not isinstance(v.get("pk"), (str, int)) or str(v.get("pk")) == "":
+            if (not isinstance(v.get("pk"), (str, int)) or isinstance(v.get("pk"), bool)
+                    or str(v.get("pk")) == ""):
                 raise DatError(f"{path}: record #{k}: field 'pk': missing "
                                "(needed to name the record)")
             items.append((str(v["pk"]), v))
@@ -111,6 +125,9 @@ def _records(path: Path, doc, kind: str) -> dict[str, dict]:
             raise DatError(f"{path}: record {pk!r}: expected an object, got {type(rec).__name__}")
         if pk in out:
             raise DatError(f"{path}: record {pk!r}: duplicate pk")
+        dup = duplicates(rec)
+        if dup:
+            raise DatError(f"{path}: record {pk!r}: field {dup[0]!r}: given more than once")
         out[pk] = rec
     return out
 
@@ -134,14 +151,19 @@ def _nonempty(v) -> bool:
     return isinstance(v, str) and bool(v.strip())
 
 
+def _digits(v) -> bool:
+    """A string of ASCII digits (``str.isdigit`` also takes ``²`` and ``٣``), short enough
+    for ``int``."""
+    return isinstance(v, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", v) is not None
+
+
 def _age(v) -> bool:
-    return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
-        isinstance(v, str) and v.strip().isdigit())
+    return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or _digits(v)
 
 
 def _relationship(v) -> bool:
     return (isinstance(v, int) and not isinstance(v, bool) and v in RELATIONSHIPS) or (
-        isinstance(v, str) and ((v.strip().isdigit() and int(v) in RELATIONSHIPS)
+        isinstance(v, str) and ((_digits(v) and int(v) in RELATIONSHIPS)
                                 or v.strip().lower() in _REL_NAMES))
 
 
@@ -233,7 +255,7 @@ def relationship_line(env: dict, a: dict, b: dict) -> str:
     if rel is None:
         return ""
     if isinstance(rel, str):
-        rel = int(rel) if rel.strip().isdigit() else _REL_NAMES[rel.strip().lower()]
+        rel = int(rel) if _digits(rel) else _REL_NAMES[rel.strip().lower()]
     return RELATIONSHIPS[rel].format(a=full_name(a), b=full_name(b))
 
 

@@ -37,7 +37,6 @@ description), ``echo`` (cos of reply and steered utterance), ``taboo_hits``,
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -175,26 +174,40 @@ def default_data_path() -> Path:
 
 def load_taboo(path: str | Path) -> list[dict]:
     """Read and validate a taboo scenario file (``{"scenarios": [{id, topic, description,
-    taboo, [split], [category]}, ...]}``). Errors name the file, the record and the field."""
+    taboo, [split], [category]}, ...]}``, UTF-8). Errors name the file, the record and the
+    field."""
+    from dat.envs.datafiles import duplicates, field_path, first_non_text, read_json, shown
+
     path = Path(path)
     if not path.is_file():
         raise DatError(f"{path}: taboo scenario file not found")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DatError(f"{path}: file is empty; expected a JSON object with a 'scenarios' list")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                       f"{exc.msg})") from None
+    doc, utf8_error = read_json(path, "a JSON object with a 'scenarios' list")
     rows = doc.get("scenarios") if isinstance(doc, dict) else doc
+
+    def record(k: int, r) -> str:
+        rid = r.get("id") if isinstance(r, dict) else None
+        ok = isinstance(rid, str) and first_non_text(rid) is None
+        return f"{path}: scenario #{k}" + (f" ({rid!r})" if ok else "")
+
+    bad = first_non_text(doc)
+    if bad is not None:
+        why = utf8_error or "contains a lone surrogate, not text"
+        inner = (bad[1:] if isinstance(doc, dict) and bad[:1] == ("scenarios",)
+                 else bad if isinstance(doc, list) else ())
+        if inner and isinstance(rows, list) and isinstance(inner[0], int):
+            raise DatError(f"{record(inner[0], rows[inner[0]])}{field_path(inner[1:])}: {why}")
+        raise DatError(f"{path}{field_path(bad)}: {why}")
+    if isinstance(doc, dict) and "scenarios" in duplicates(doc):
+        raise DatError(f"{path}: field 'scenarios': given more than once")
     if not isinstance(rows, list) or not rows:
         raise DatError(f"{path}: expected a non-empty list of scenarios under 'scenarios'")
     seen: set[str] = set()
     for k, r in enumerate(rows):
-        rec = f"{path}: scenario #{k}" + (f" ({r.get('id')!r})" if isinstance(r, dict) else "")
+        rec = record(k, r)
         if not isinstance(r, dict):
             raise DatError(f"{rec}: expected an object, got {type(r).__name__}")
+        if duplicates(r):
+            raise DatError(f"{rec}: field {shown(duplicates(r)[0])!r}: given more than once")
         for f in ("id", "topic", "description"):
             if not isinstance(r.get(f), str) or not r[f].strip():
                 raise DatError(f"{rec}: field {f!r}: expected a non-empty string, got {r.get(f)!r}")
