@@ -45,9 +45,9 @@ from dat.envs.taboo import (
     GREETING,
     NEUTRAL_REPLIES,
     default_data_path,
-    gain_over,
     is_content,
     load_taboo,
+    small_talk_gain,
     word_forms,
     words,
 )
@@ -157,9 +157,8 @@ class Openup(Setting):
             s_d = s_t = None
             interest = 0.0
             if new:
-                s_d, s_t = float(e_n @ e_d), float(e_n @ e_t)
-                interest = max(gain_over(s_d, float((e_neu @ e_d).max())),
-                               gain_over(s_t, float((e_neu @ e_t).max())))
+                (s_d, _, g_d), (s_t, _, g_t) = (small_talk_gain(e_n, e, e_neu) for e in (e_d, e_t))
+                interest = max(g_d, g_t)
             count = min(1.0, len(new) / self.target_words)
             value = interest if self.reward_mode == "interest" else count
             out.append(Reward(value, {"interest": interest, "words": count, "new_words": new,

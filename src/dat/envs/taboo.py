@@ -303,13 +303,11 @@ class Taboo(Setting):
         for d, steered, reply, novel, copied in items:
             e_d, e_t, e_r, e_s, e_n = judge.embed([d["description"], d["topic"], reply, steered,
                                                    novel or "."])
-            base_d, base_t = float((e_neu @ e_d).max()), float((e_neu @ e_t).max())
+            (s_d, base_d, g_d), (s_t, base_t, g_t) = (small_talk_gain(e_n, e, e_neu)
+                                                      for e in (e_d, e_t))
             info = {"similarity_full": float(e_r @ e_d), "echo": float(e_r @ e_s),
                     "baseline_description": base_d, "baseline_topic": base_t}
-            if has_content(novel):
-                s_d, s_t = float(e_n @ e_d), float(e_n @ e_t)
-                g_d, g_t = gain_over(s_d, base_d), gain_over(s_t, base_t)
-            else:
+            if not has_content(novel):
                 s_d = s_t = None
                 g_d = g_t = 0.0
             gain = max(g_d, g_t)
@@ -323,6 +321,13 @@ class Taboo(Setting):
                 "value_if_no_taboo": value,
             }))
         return out
+
+
+def small_talk_gain(e_text, e_target, e_neutral) -> tuple[float, float, float]:
+    """``(s, b, gain)`` of a text against a target (unit-norm embeddings): its cosine, the
+    best neutral reply's cosine, and :func:`gain_over` of the two."""
+    s, b = float(e_text @ e_target), float((e_neutral @ e_target).max())
+    return s, b, gain_over(s, b)
 
 
 def gain_over(sim: float, baseline: float) -> float:
