@@ -102,6 +102,29 @@ def test_invalid_values_are_refused_before_anything_is_written(tiny_lm, tmp_path
     assert Buffer(out).episode_ids() == [0, 1]
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 16 KiB tmpfs: a real full disk (ENOSPC), where this machine lets us mount one."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill up: {p.stderr.strip() or p.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_full_out_disk_is_one_clear_line(full_disk):
+    p = dat("collect", "--out", str(full_disk / "buf"), "--episodes", "8", *ARGS, check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "error:" in p.stdout and "Traceback" not in p.stdout + p.stderr
+    flat = "".join(p.stdout.split())  # rich wraps long lines
+    assert "Nospaceleft" in flat and str(full_disk) in flat
+
+
 def test_a_read_only_out_folder_is_one_clear_line(tmp_path):
     if os.geteuid() == 0:
         # root ignores permission bits: make --out a path under a regular file instead

@@ -171,6 +171,22 @@ def test_sotopia_judge_real_model_bounded(default_lm):
         assert -10 / 7 * 2 <= r.value <= 10
 
 
+def test_sotopia_judge_budget_fits_the_answer_and_no_more(default_lm):
+    """One attempt is capped near the length of the longest valid answer (it was 320 tokens,
+    18.5 s per batch of 2 on the default model; now 191, 10.7 s)."""
+    judge = SotopiaJudge(default_lm, retries=0)
+    tok = default_lm.tokenizer
+    widest = json.dumps({k: {d: lo for d, (lo, _) in SOTOPIA_DIMENSIONS.items()}
+                         for k in ("agent_1", "agent_2")}, indent=2)
+    need = len(tok(widest, add_special_tokens=False)["input_ids"])
+    assert need < judge.max_new_tokens <= need + 64
+    parse_sotopia_scores(widest)  # the widest answer is a valid one
+    (r,) = judge.score([REQUEST])
+    assert len(tok(r.details["raw"], add_special_tokens=False)["input_ids"]) <= judge.max_new_tokens + 2
+    with pytest.raises(DatError, match="max_new_tokens must be >= 1"):
+        SotopiaJudge(default_lm, max_new_tokens=0)
+
+
 # ---------------------------------------------------------------------- embedding judge
 @pytest.fixture(scope="module")
 def embedder():

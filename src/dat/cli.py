@@ -49,9 +49,10 @@ JUDGE_FAILURES_OPTION = typer.Option(
                 "(by default the run stops there with a message naming judges that work).")
 
 
-def _run(fn):
+def _run(fn, out: str | None = None):
     """Turn dat's own errors (and unwritable output folders) into a one-line message and
-    exit code 2."""
+    exit code 2. ``out`` names the folder when the OS error has no file name (a full disk
+    is reported at write time, on an open file)."""
     import errno
 
     from dat.errors import DatError
@@ -65,7 +66,8 @@ def _run(fn):
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
                              errno.ENOTDIR):
             raise
-        where = f" {exc.filename}" if exc.filename else ""
+        where = exc.filename or out
+        where = f" {where}" if where else ""
         console.print(f"[bold red]error:[/] cannot write{where}: {exc.strerror}. Check that the "
                       "output folder is a writable folder and its disk has room; rerunning "
                       "resumes.")
@@ -229,9 +231,9 @@ def collect(
         from dat.distributed import RayConfig, collect_ray
 
         rc = RayConfig(num_workers=num_workers, address=address)
-        summary = _run(lambda: _hf_only(backend, "--ray") or collect_ray(cfg, rc))
+        summary = _run(lambda: _hf_only(backend, "--ray") or collect_ray(cfg, rc), out)
     else:
-        summary = _run(lambda: run_collect(cfg, lm=_load_lm(model, backend, device, hf=None)))
+        summary = _run(lambda: run_collect(cfg, lm=_load_lm(model, backend, device, hf=None)), out)
     workers = (f" on {summary['workers']} Ray workers ({summary['restarts']} restarted)"
                if "workers" in summary else "")
     console.print(f"[green]done[/]: {summary['episodes_run']} episodes run, "
@@ -305,7 +307,7 @@ def clone_cmd(
         cfg.validate()
         return clone(lm, corpus, out, cfg)
 
-    _run(go)
+    _run(go, out)
     console.print(f"[green]saved[/] self-clone to {out} (fidelity: {out}/fidelity.json)")
 
 
@@ -352,7 +354,7 @@ def train_cmd(
                           device=device)
         return train_from_buffer(buffer, out, cfg, init=init, up_mapping=up)
 
-    res = _run(go)
+    res = _run(go, out)
     console.print(f"[green]saved[/] planner to {out} ({res.steps} updates, {res.seconds:.0f} s)")
 
 
@@ -417,7 +419,7 @@ def eval_cmd(
             return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg,
                             out_dir=out, runner=runner, scenarios=scenarios)
 
-    results = _run(go)
+    results = _run(go, out)
     print(format_table(results))
     console.print(f"report: {out}/results.md")
 
@@ -531,7 +533,7 @@ def quickstart(
     _run(lambda: run_quickstart(QuickstartConfig(
         out=out, tiny=tiny, setting=setting, action=action, layer=layer, residual_scale=residual_scale,
         iterations=iterations, compare_tokens=compare_tokens, per_scenario=per_scenario,
-        self_clone=self_clone, device=device, seed=seed, backend=backend)))
+        self_clone=self_clone, device=device, seed=seed, backend=backend)), out)
 
 
 def main() -> None:  # pragma: no cover

@@ -197,6 +197,14 @@ def sotopia_reward(result: Attempted, target: int, judge_name: str = "") -> Rewa
 
 
 # ---------------------------------------------------------------------- judge
+def answer_token_budget(tokenizer, slack: int = 48) -> int:
+    """Tokens enough for the longest valid answer, pretty-printed, plus ``slack`` for a code
+    fence or a short preface. A judge that has not closed its JSON by then will not: capping
+    here keeps one failed attempt to seconds on a small model."""
+    widest = {k: {d: lo for d, (lo, _) in SOTOPIA_DIMENSIONS.items()} for k in AGENT_KEYS}
+    return len(tokenizer(json.dumps(widest, indent=2), add_special_tokens=False)["input_ids"]) + slack
+
+
 def sotopia_prompts(requests: Sequence[SotopiaRequest]) -> list[list[dict]]:
     """Validated judge prompts for a batch of requests (shared by the local and API judges)."""
     for r in requests:
@@ -211,19 +219,23 @@ class SotopiaJudge(Judge[SotopiaRequest]):
     Sotopia dimensions of both agents. First attempt greedy, retries sampled.
 
     ``model``: a spec (``"default"``, folder, hub id, ``.gguf``), or an already loaded
-    :class:`~dat.steer.SteeredLM` (shared: no second copy).
+    :class:`~dat.steer.SteeredLM` (shared: no second copy). ``max_new_tokens`` defaults to
+    :func:`answer_token_budget` of the judge's tokenizer.
     """
 
     name = "sotopia"
 
     def __init__(self, model="default", tokenizer=None, retries: int = 2,
-                 max_new_tokens: int = 320, retry_temperature: float = 0.7, seed: int = 0,
+                 max_new_tokens: int | None = None, retry_temperature: float = 0.7, seed: int = 0,
                  device: str = "auto", dtype: str = "auto"):
         if retries < 0:
             raise DatError(f"retries must be >= 0, got {retries}")
         self.lm = resolve_lm(model, tokenizer, device=device, dtype=dtype)
         self.retries = retries
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = (answer_token_budget(self.lm.tokenizer) if max_new_tokens is None
+                               else max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise DatError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         self.retry_temperature = retry_temperature
         self.seed = seed
 
