@@ -110,7 +110,7 @@ def test_loss_matches_model_labels(default_lm, dialogues):
     lm = default_lm
     d, target = dialogues[1], "Ahoy there!"
     prompt = lm.encode(d)
-    reply = lm._reply_ids(d, target)
+    reply = lm.reply_ids(d, target)
     assert lm.tokenizer.decode(reply) == "Ahoy there!<|im_end|>"
     ids = torch.tensor([prompt + reply])
     labels = ids.clone()

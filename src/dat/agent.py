@@ -243,7 +243,7 @@ class Agent:
 def setting_prompts(setting, split: str = "train", limit: int | None = None) -> list[list[dict]]:
     """The steered agent's first prompt (system prompt + opening) of each scenario of a split:
     the corpus a residual PCA and the residual norm are measured on."""
-    from dat.envs.base import Turn
+    from dat.episode import Turn
 
     out = []
     for k, scn in enumerate(setting.scenarios(split)[:limit]):

@@ -89,7 +89,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from dat import __version__
+from dat.version import __version__
 from dat.errors import DatError
 
 FORMAT = "dat-buffer/1"

@@ -101,7 +101,7 @@ def info() -> None:
     import torch
     import transformers
 
-    from dat import __version__
+    from dat.version import __version__
     from dat.models import cache_dir, default_gguf_path, resolve_device
 
     table = Table(show_header=False, box=None)

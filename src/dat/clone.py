@@ -299,7 +299,7 @@ def _subset(examples: list, n: int | None, seed: int) -> list:
 def target_tokens(lm, examples: Sequence[CloneExample]) -> list[int]:
     """Number of target tokens of each example (its end-of-turn token included), as
     ``SteeredLM.loss`` counts them."""
-    return [len(lm._reply_ids(e.prompt, e.target)) for e in examples]
+    return [len(lm.reply_ids(e.prompt, e.target)) for e in examples]
 
 
 def _fingerprint(lm, examples: Sequence[CloneExample]) -> str:

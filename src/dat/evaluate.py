@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from dat.agent import SCENARIOS_INDEX, Agent, ScenarioAgents
-from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
+from dat.envs.base import Setting
+from dat.episode import Episode, Reward, Scenario, Turn
 from dat.errors import DatError
 from dat.fileio import atomic_write_text, finite
 from dat.planner import CONFIG_NAME, UP_MAPPING_DIR, WEIGHTS_NAME, Planner, UpMapping
@@ -218,7 +219,7 @@ def perplexity(lm, prompts: Sequence[Sequence[dict]], texts: Sequence[str],
         raise DatError(f"{len(prompts)} prompts for {len(texts)} texts")
     if not texts:
         return {"perplexity": None, "nll_per_token": None, "tokens": 0, "utterances": 0}
-    counts = [len(lm._reply_ids(p, t)) for p, t in zip(prompts, texts)]
+    counts = [len(lm.reply_ids(p, t)) for p, t in zip(prompts, texts)]
     order = sorted(range(len(texts)), key=lambda i: sum(len(m["content"]) for m in prompts[i]))
     total = 0.0
     for lo in range(0, len(order), batch_size):

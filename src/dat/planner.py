@@ -79,7 +79,7 @@ class _Pretrained(nn.Module):
     config_class: type
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        from dat import __version__
+        from dat.version import __version__
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)

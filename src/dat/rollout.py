@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dat.agent import Agent, ScenarioAgents
-from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
+from dat.envs.base import Setting
+from dat.episode import Episode, Reward, Scenario, Turn
 from dat.errors import DatError
 from dat.kvcache import PrefixCache
 from dat.planner import Planner, UpMapping

@@ -527,7 +527,7 @@ class SteeredLM:
         dialogues = _check_batch(dialogues)
         if len(targets) != len(dialogues):
             raise DatError(f"{len(targets)} targets for {len(dialogues)} dialogues.")
-        target_ids = [self._reply_ids(d, t) for d, t in zip(dialogues, targets)]
+        target_ids = [self.reply_ids(d, t) for d, t in zip(dialogues, targets)]
         reserve = max(len(t) for t in target_ids)
         _, ids, insert_at, actions = self._prepare(dialogues, actions, position, reserve)
         full = [p + t for p, t in zip(ids, target_ids)]
@@ -552,7 +552,7 @@ class SteeredLM:
         row_idx = torch.tensor(rows, device=dev)
         return torch.zeros(len(target_ids), device=dev).index_add(0, row_idx, nll) / counts
 
-    def _reply_ids(self, dialogue: Dialogue, reply: str) -> list[int]:
+    def reply_ids(self, dialogue: Dialogue, reply: str) -> list[int]:
         """Tokens the template puts after the generation prompt for ``reply``, up to and
         including the end-of-turn token."""
         prompt = self._template(dialogue, True)

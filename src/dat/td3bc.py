@@ -282,33 +282,19 @@ class TransitionDataset:
 
     @classmethod
     def from_buffer(cls, buffer, device: str | torch.device = "cpu") -> TransitionDataset:
-        """From a :class:`dat.buffer.Buffer` (``.tensors``, ``.state_mean/std``, ``.meta``)."""
+        """From a :class:`dat.buffer.Buffer` (``.tensors``, ``.index``, ``.state_mean/std``,
+        ``.meta``)."""
         tensors = dict(buffer.tensors(device))
-        source = str(getattr(buffer, "directory", getattr(buffer, "path", "buffer")))
+        source = str(buffer.directory)
         missing = [k for k in ("states", "actions", "rewards", "next_states", "dones")
                    if k not in tensors]
         if missing:
             raise DatError(f"buffer {source}: missing fields {missing}.")
-        ids = None
-        for key in ("scenario_ids", "scenario_id", "scenarios"):
-            if tensors.get(key) is not None:
-                ids = tensors[key]
-                break
-        if ids is None:
-            attr = getattr(buffer, "scenario_ids", None)
-            ids = attr() if callable(attr) else attr
-        if ids is None and all(hasattr(buffer, k)
-                               for k in ("_scenario_id", "_terminal", "_judge_failed")):
-            # Until Buffer.tensors() returns scenario ids: the same rows it selects (non-terminal
-            # rows of episodes whose judge did not fail, in storage order).
-            rows = (~buffer._terminal & ~buffer._judge_failed).nonzero()[0]
-            if len(rows) == len(tensors["states"]):
-                ids = [buffer._scenario_id[i] for i in rows.tolist()]
+        ids = buffer.index()["scenario_id"]  # the same rows, in the same order
         return cls(tensors["states"], tensors["actions"], tensors["rewards"],
                    tensors["next_states"], tensors["dones"], scenario_ids=ids,
-                   state_mean=getattr(buffer, "state_mean", None),
-                   state_std=getattr(buffer, "state_std", None),
-                   source=source, meta=getattr(buffer, "meta", None))
+                   state_mean=buffer.state_mean, state_std=buffer.state_std,
+                   source=source, meta=buffer.meta)
 
     def __len__(self) -> int:
         return self.states.shape[0]

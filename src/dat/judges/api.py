@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 
 from dat.api import APIClient, APIError, ChatResult, parse_api_spec
-from dat.envs.base import Reward
+from dat.episode import Reward
 from dat.errors import DatError
 from dat.judges.base import Judge, generate_and_parse, sigmoid
 from dat.judges.classifier import NO_SPELLINGS, YES_SPELLINGS, YesNoRequest, resolve_template

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from dat.envs.base import Reward
+from dat.episode import Reward
 from dat.errors import DatError
 
 R = TypeVar("R")  # request type

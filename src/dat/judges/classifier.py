@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dat.envs.base import Reward
+from dat.episode import Reward
 from dat.errors import ContextLengthError, DatError
 from dat.judges.base import Judge, resolve_lm, sigmoid
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dat.envs.base import Reward
+from dat.episode import Reward
 from dat.judges.base import Judge
 from dat.models import require, resolve_device
 

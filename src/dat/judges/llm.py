@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dat.envs.base import Reward
+from dat.episode import Reward
 from dat.errors import DatError
 from dat.judges.base import Attempted, Judge, JudgeOutputError, generate_and_parse, resolve_lm
 
