@@ -41,8 +41,9 @@ from common import machine, report
 
 from dat import SteeredLM
 from dat import clone as dc
-from dat.envs.base import Reward
+from dat import clone_data as cdata
 from dat.envs.taboo import Taboo
+from dat.episode import Reward
 from dat.rollout import Rollout, RolloutConfig, episode_jobs
 
 
@@ -66,13 +67,13 @@ def make_corpus(lm, episodes: int, rounds: int, max_new_tokens: int, batch: int,
     return records, seconds
 
 
-def read_corpus(path: str) -> list[dc.CloneExample]:
+def read_corpus(path: str) -> list[cdata.CloneExample]:
     """A buffer folder from `dat collect`, or a JSON-lines file of dialogue records."""
     p = Path(path)
     if p.is_dir():
-        return dc.load_corpus(p)[0]
+        return cdata.load_corpus(p)[0]
     with p.open(encoding="utf-8") as f:
-        return dc.corpus_examples([json.loads(line) for line in f if line.strip()], str(p))
+        return cdata.corpus_examples([json.loads(line) for line in f if line.strip()], str(p))
 
 
 def prompt_tokens(lm, examples, n_tokens: int) -> int:
@@ -136,9 +137,9 @@ def main() -> None:
         if args.save_corpus:
             Path(args.save_corpus).write_text(
                 "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        examples = dc.corpus_examples(records, source="bench corpus")
+        examples = cdata.corpus_examples(records, source="bench corpus")
         source = f"taboo, {args.episodes} unsteered episodes x {args.rounds} rounds"
-    tokens = dc.target_tokens(lm, examples)
+    tokens = cdata.target_tokens(lm, examples)
     print(f"corpus: {len(examples)} utterances, mean {sum(tokens) / len(tokens):.1f} target "
           f"tokens, mean prompt {prompt_tokens(lm, examples, 0) / len(examples):.0f} tokens "
           f"({corpus_s:.0f} s to collect)", flush=True)
@@ -151,7 +152,7 @@ def main() -> None:
         cfg = dc.CloneConfig(action_dim=args.action_dim, epochs=1, batch_size=bs,
                              fidelity=False, progress=False, resume=False)
         res = dc.train(lm, sub, work / f"bs{bs}", cfg, source=source)
-        all_tokens = sum(dc.target_tokens(lm, sub)) + prompt_tokens(lm, sub, cfg.n_tokens)
+        all_tokens = sum(cdata.target_tokens(lm, sub)) + prompt_tokens(lm, sub, cfg.n_tokens)
         rows.append({"batch": bs, "steps": res.steps, "examples": n,
                      "target_tokens": res.target_tokens, "seconds": round(res.seconds, 2),
                      "target_tok_per_s": round(res.tokens_per_second, 2),
@@ -162,7 +163,7 @@ def main() -> None:
              "utterances": len(examples), "mean_target_tokens": sum(tokens) / len(tokens),
              "load_seconds": round(load_s, 1), "corpus_seconds": round(corpus_s, 1)}
     if args.full:
-        train_ex, eval_ex = dc.split_examples(examples, args.eval_fraction, seed=0)
+        train_ex, eval_ex = cdata.split_examples(examples, args.eval_fraction, seed=0)
         cfg = dc.CloneConfig(action_dim=args.action_dim, epochs=args.epochs,
                              batch_size=args.batch, fidelity_generate=args.fidelity_generate,
                              fidelity_max_new_tokens=args.max_new_tokens, resume=False)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from dat.td3bc import TD3BCConfig, TransitionDataset, train
+from dat.td3bc import TD3BCConfig, train
+from dat.transitions import TransitionDataset
 
 
 def synthetic(n: int, hidden: int, action_dim: int, act_norm: float, steps_per_episode: int = 3,

@@ -111,8 +111,8 @@ def main(n: int = 32, new_tokens: int = 48, repeats: int = 2, vllm_states: bool 
         vlm.engine.reset_prefix_cache()
 
         def call(a, pos=pos):
-            _, ids, at, acts_ = vlm._prepare(sd, None if pos is None else a, pos or "prefix", 1)
-            embeds = vlm.prompt_embeds(vlm._batch(ids, at, acts_))
+            _, ids, at, acts_ = vlm.prepare(sd, None if pos is None else a, pos or "prefix", 1)
+            embeds = vlm.prompt_embeds(vlm.make_batch(ids, at, acts_))
             t = time.perf_counter()
             outs = vlm.generate_from_embeds(embeds, 1)
             return time.perf_counter() - t, outs, embeds

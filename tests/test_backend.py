@@ -48,7 +48,7 @@ def test_backend_names():
 
 
 def test_missing_vllm_says_how_to_install(monkeypatch):
-    from dat import backends
+    from dat.backends import base as backends
 
     real = backends.importlib.util.find_spec
     monkeypatch.setattr(backends.importlib.util, "find_spec",
@@ -125,7 +125,7 @@ def test_wrong_hidden_size_never_reaches_engine(tiny_lm, fake_vllm):
 
 
 def test_engine_gets_the_hf_backends_embeddings(tiny_lm, fake_vllm, dialogues):
-    """Rows sent to vLLM are exactly SteeredLM._batch's rows (actions at the same place),
+    """Rows sent to vLLM are exactly SteeredLM.make_batch's rows (actions at the same place),
     unpadded; replies, stop flags and counts come back as the hf backend reports them."""
     eos = tiny_lm.eos_token_ids[0]
     replies = {0: ([100, 101], eos), 1: ([102, 103, 104, 105, 106], None), 2: ([107], eos)}
@@ -133,8 +133,8 @@ def test_engine_gets_the_hf_backends_embeddings(tiny_lm, fake_vllm, dialogues):
     lm = _vlm(tiny_lm, engine)
     acts = torch.randn(len(dialogues), 2, H)
     g = lm.generate_detailed(dialogues, actions=acts, position="infix", max_new_tokens=4)
-    _, ids, at, a = tiny_lm._prepare(dialogues, acts, "infix", 4)
-    ref = tiny_lm._batch(ids, at, a)
+    _, ids, at, a = tiny_lm.prepare(dialogues, acts, "infix", 4)
+    ref = tiny_lm.make_batch(ids, at, a)
     (prompts, params), = engine.calls
     for i, p in enumerate(prompts):
         n = len(ids[i]) + 2
@@ -160,7 +160,7 @@ def test_on_step_replay_cuts_rows(tiny_lm, fake_vllm, dialogues):
         seen.append(list(tokens))
         return [1] if step == 1 else []
 
-    new, stopped = lm._decode(lm._batch(ids, None, None), 5, 0.0, 1.0, 0, on_step=on_step)
+    new, stopped = lm.decode(lm.make_batch(ids, None, None), 5, 0.0, 1.0, 0, on_step=on_step)
     assert new == [[10, 11, 12], [20, 21]] and stopped == [True, False]
     pad = lm.pad_token_id
     assert seen == [[10, 20], [11, 21], [12, pad], [eos, pad]]

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from dat import clone as dc
+from dat import clone_data as cd
 from dat.buffer import Buffer, BufferWriter, EpisodeRecord
-from dat.clone import CloneConfig, CloneExample
+from dat.clone import CloneConfig
+from dat.clone_data import CloneExample
 from dat.envs.base import Episode, Scenario, Turn
 from dat.errors import DatError
 from dat.agent import Agent
@@ -100,7 +102,7 @@ def trained(lm, corpus, tmp_path_factory):
 
 
 def test_examples_are_the_steered_view_before_each_utterance(lm, corpus):
-    examples, meta = dc.load_corpus(corpus)
+    examples, meta = cd.load_corpus(corpus)
     assert meta["kind"] == "corpus"
     assert len(examples) == 8  # 4 episodes x 2 steered utterances
     rec = next(r for r in Buffer(corpus).episodes() if r["episode_id"] == 0)
@@ -117,17 +119,17 @@ def test_examples_are_the_steered_view_before_each_utterance(lm, corpus):
 def test_split_is_by_episode_and_deterministic():
     ex = [CloneExample([{"role": "system", "content": "x"}], f"t{i}{k}", i)
           for i in range(20) for k in range(3)]
-    tr, ev = dc.split_examples(ex, 0.2, seed=0)
+    tr, ev = cd.split_examples(ex, 0.2, seed=0)
     assert len({e.episode_id for e in ev}) == 4
     assert not {e.episode_id for e in tr} & {e.episode_id for e in ev}
     assert len(tr) + len(ev) == len(ex)
-    assert dc.split_examples(ex, 0.2, seed=0) == (tr, ev)
-    assert dc.split_examples(ex, 0.2, seed=1)[1] != ev
+    assert cd.split_examples(ex, 0.2, seed=0) == (tr, ev)
+    assert cd.split_examples(ex, 0.2, seed=1)[1] != ev
     # growing the corpus keeps held-out episodes held out (hash of the id, not a permutation)
     more = ex + [CloneExample([{"role": "system", "content": "x"}], "t", 99)]
-    assert {e.episode_id for e in ev} <= {e.episode_id for e in dc.split_examples(more, 0.2)[1]} | {
-        e.episode_id for e in dc.split_examples(more, 0.2)[0]}
-    assert dc.split_examples(ex[:3], 0.5)[1] == []  # one episode: nothing to hold out
+    assert {e.episode_id for e in ev} <= {e.episode_id for e in cd.split_examples(more, 0.2)[1]} | {
+        e.episode_id for e in cd.split_examples(more, 0.2)[0]}
+    assert cd.split_examples(ex[:3], 0.5)[1] == []  # one episode: nothing to hold out
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -176,7 +178,7 @@ def test_missing_or_bad_corpus_is_a_clear_error(lm, tmp_path):
     with pytest.raises(DatError, match="meta.json"):
         dc.clone(lm, tmp_path / "empty", tmp_path / "out", small())
     with pytest.raises(DatError, match="turn 0"):
-        dc.episode_examples({"episode_id": 3, "episode": {"steered_system": "s",
+        cd.episode_examples({"episode_id": 3, "episode": {"steered_system": "s",
                                                           "turns": [{"speaker": "me"}]}})
     with pytest.raises(DatError, match="CloneConfig.position"):
         small(position="middle").validate()
@@ -250,6 +252,25 @@ def test_resume_from_an_epoch_checkpoint_gives_the_same_weights(lm, corpus, trai
         dc.clone(lm, corpus, out, small(batch_size=3, fidelity=False))
 
 
+def test_resume_refuses_another_run_naming_what_differs(lm, corpus, trained, tmp_path):
+    """As for TD3+BC: a checkpoint resumes only the same run (the same examples of the same
+    model, every setting that shapes the weights); the refusal names what differs."""
+    out = tmp_path / "other"
+    last = sorted((trained.out_dir / "checkpoints").glob("epoch-*"))[-1]
+    shutil.copytree(last, out / "checkpoints" / last.name)
+    shutil.copytree(trained.out_dir / "cache", out / "cache")
+    eps = [Episode(i, Scenario(f"p{i}"), SYSTEMS[i % 4], "Be friendly.",
+                   [Turn("partner", OPENERS[i % 4]), Turn("steered", "Arr, matey!")])
+           for i in range(4)]
+    pirate = write_corpus(tmp_path / "pirate", lm, eps)
+    with pytest.raises(DatError, match=r"another run; these differ: .*examples_fingerprint"):
+        dc.clone(lm, pirate, out, small(fidelity=False))
+    with pytest.raises(DatError, match=r"another run; these differ: weight_decay \(0.0 there"):
+        dc.clone(lm, corpus, out, small(fidelity=False, weight_decay=0.1))
+    res = dc.clone(lm, corpus, out, small(fidelity=False))  # the same run resumes (it is done)
+    assert res.steps == trained.steps and res.epoch_losses == trained.epoch_losses
+
+
 def test_cloning_another_agents_corpus_is_the_same_command(lm, tmp_path):
     """A corpus whose steered seat was another agent (here: fixed pirate lines): the same
     command clones its policy, and the loss falls far below the unsteered model's."""
@@ -269,14 +290,14 @@ def test_states_stored_in_the_corpus_are_used_when_they_are_the_models(lm, tmp_p
     second state pass; a corpus whose states are not the model's (zeros) is recomputed."""
     episodes = make_episodes(lm, n=2, steered_turns=2, max_new_tokens=12)
     zeros = write_corpus(tmp_path / "zeros", lm, episodes)
-    examples, _ = dc.load_corpus(zeros)
+    examples, _ = cd.load_corpus(zeros)
     real = lm.state([x.prompt for x in examples])
     w = BufferWriter(tmp_path / "real", {"kind": "corpus", "model": lm.name,
                                          "hidden_size": lm.hidden_size, "action_dim": 0})
     w.write([EpisodeRecord(e.episode_id, e.scenario.id, real[2 * i:2 * i + 2].numpy(),
                            np.zeros((2, 0), np.float32), [0.0, 0.0], [False, True], e)
              for i, e in enumerate(episodes)])
-    stored = dc.stored_states(Buffer(tmp_path / "real"), examples)
+    stored = cd.stored_states(Buffer(tmp_path / "real"), examples)
     assert stored.shape == real.shape
     assert torch.allclose(stored, real, atol=1e-2 * float(real.abs().max()))  # fp16 storage
     calls = []

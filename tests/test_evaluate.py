@@ -1,109 +1,26 @@
-"""dat.evaluate: statistics against hand-computed values, language-quality figures, the split
-check, reports, and one small real evaluation with the embedded default model."""
+"""dat.evaluate: language-quality figures, per-agent metrics, the split check, reports, and
+one small real evaluation with the embedded default model (statistics: test_stats.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 
+from dat.agentspec import AgentSpec
 from dat.envs.base import Episode, Reward, Scenario, Setting, Turn
 from dat.errors import DatError, MissingPackageError
-from dat.evaluate import (
-    AgentSpec,
-    agent_metrics,
-    attack_success_rate,
-    bootstrap_ci,
-    distinct_n,
-    evaluate,
-    format_table,
-    language_quality,
-    mean_se,
-    paired_difference,
-    summarize,
-    training_scenarios,
-    wilson_interval,
-    words,
-    write_training_meta,
-)
-from dat.report import format_samples_html, plotting_backend
+from dat.evaluate import agent_metrics, evaluate
+from dat.provenance import PROVENANCE_FILE, Provenance, derived
+from dat.quality import distinct_n, language_quality, words
+from dat.report import format_samples_html, format_table, plotting_backend
 from dat.rollout import RolloutEpisode
+from dat.splitcheck import check_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-# ---------------------------------------------------------------------------------- statistics
-def test_mean_and_standard_error():
-    m, se = mean_se([1, 2, 3, 4])
-    assert m == 2.5
-    assert se == pytest.approx(math.sqrt(5 / 3) / 2)  # s = sqrt(5/3), SE = s / sqrt(4)
-    assert mean_se([7.0]) == (7.0, None)
-    assert mean_se([]) == (None, None)
-    with pytest.raises(DatError):
-        mean_se([1.0, float("nan")])
-
-
-def test_bootstrap_ci_hand_checked():
-    # Two values: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the
-    # 2.5 % and 97.5 % quantiles are 0 and 1.
-    assert bootstrap_ci([0.0, 1.0], n_boot=4000, seed=1) == (0.0, 1.0)
-    assert bootstrap_ci([3.0] * 10) == (3.0, 3.0)
-    assert bootstrap_ci([1.0]) is None
-    # 50 zeros, 50 ones: means ~ N(0.5, 0.05^2) -> [0.402, 0.598] (binomial: [0.40, 0.60])
-    x = [0.0] * 50 + [1.0] * 50
-    lo, hi = bootstrap_ci(x, n_boot=20_000, seed=0)
-    assert lo == pytest.approx(0.40, abs=0.011) and hi == pytest.approx(0.60, abs=0.011)
-    assert bootstrap_ci(x, n_boot=2000, seed=5) == bootstrap_ci(x, n_boot=2000, seed=5)
-    lo90, hi90 = bootstrap_ci(x, n_boot=20_000, level=0.90, seed=0)
-    assert lo < lo90 < hi90 < hi
-    assert lo90 == pytest.approx(0.5 - 1.645 * 0.05, abs=0.011)
-
-
-def test_summarize_fields():
-    s = summarize([1.0, 2.0, 3.0], n_boot=1000)
-    assert s["mean"] == 2.0 and s["n"] == 3 and s["se"] == pytest.approx(1 / math.sqrt(3))
-    assert 1.0 <= s["ci"][0] <= 2.0 <= s["ci"][1] <= 3.0
-    assert summarize([]) == {"mean": None, "se": None, "ci": None, "n": 0}
-
-
-def test_paired_difference_matches_by_episode_id():
-    a = {0: 1.0, 1: 2.0, 2: 3.0, 3: 10.0, 5: None}
-    b = {0: 0.0, 1: 1.0, 2: 1.0, 3: 5.0, 4: 9.0, 5: 2.0}  # 4 and 5 have no pair
-    d = paired_difference(a, b, n_boot=2000)
-    assert d["n"] == 4
-    assert d["mean"] == pytest.approx(2.25)  # diffs 1, 1, 2, 5
-    assert d["se"] == pytest.approx(math.sqrt(10.75 / 3) / 2)
-    assert 1.0 <= d["ci"][0] <= 2.25 <= d["ci"][1] <= 5.0
-    # a constant shift gives a zero-width CI at the shift, whatever the spread of the values
-    base = {i: float(i * i) for i in range(20)}
-    d = paired_difference({i: v + 0.5 for i, v in base.items()}, base)
-    assert d["mean"] == pytest.approx(0.5) and d["ci"] == pytest.approx([0.5, 0.5])
-
-
-def test_paired_difference_resamples_scenarios_when_they_have_several_samples():
-    values = {0: 1.0, 1: 3.0, 2: 0.0, 3: 0.0, 4: 2.0, 5: 2.0}
-    base = dict.fromkeys(values, 0.0)
-    groups = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c", 5: "c"}
-    d = paired_difference(values, base, n_boot=2000, groups=groups)
-    assert (d["n"], d["pairs"]) == (3, 6)  # scenario means 2, 0, 2
-    assert d["mean"] == pytest.approx(4 / 3)
-    assert d["se"] == pytest.approx(math.sqrt(4 / 3) / math.sqrt(3))
-    # one episode per scenario: the plain paired difference
-    single = paired_difference(values, base, n_boot=2000, groups={k: k for k in values})
-    assert single == paired_difference(values, base, n_boot=2000)
-
-
-def test_attack_success_rate_and_wilson():
-    asr = attack_success_rate([True, False, False, True, False], n_boot=2000)
-    assert asr["rate"] == pytest.approx(0.4) and asr["successes"] == 2 and asr["n"] == 5
-    assert asr["wilson"] == pytest.approx([0.1176, 0.7693], abs=1e-4)  # textbook values for 2/5
-    assert 0.0 <= asr["ci"][0] <= 0.4 <= asr["ci"][1] <= 1.0
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
-    assert wilson_interval(0, 0) is None
 
 
 # ---------------------------------------------------------------------------------- language
@@ -235,50 +152,58 @@ def _planner_dir(tmp_path):
 
 def test_overlap_with_the_test_split_is_an_error(tmp_path):
     d = _planner_dir(tmp_path)
-    write_training_meta(d, "tiny", ["s1", "s2", "s3"])
-    assert training_scenarios(d)[:2] == ({"s1", "s2", "s3"}, "tiny")
+    Provenance(kind="planner", setting="tiny", scenario_ids=["s1", "s2", "s3"]).write(d)
+    prov = Provenance.read(d)
+    assert (set(prov.scenario_ids), prov.setting) == ({"s1", "s2", "s3"}, "tiny")
     with pytest.raises(DatError, match=r"trained on 1 scenario\(s\) of the 'tiny' 'test' split.*s1"):
         evaluate(None, _Tiny(), {"base": None, "dat": AgentSpec.from_dir(d)}, split="test")
 
 
 def test_overlap_found_through_the_training_buffer(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """A planner trained on a buffer records the buffer's scenarios in its provenance."""
     buf = tmp_path / "buffer"
     buf.mkdir()
-    pq.write_table(pa.table({"scenario_id": ["s3", "s0", "s3"]}), buf / "transitions-0000000000-ab.parquet")
+    Provenance(kind="buffer", setting="tiny", scenario_ids=["s3", "s0", "s3"]).write(buf)
     d = _planner_dir(tmp_path)
-    (d / "td3bc.json").write_text(json.dumps({"buffer": str(buf)}))
-    ids, _, sources = training_scenarios(d)
+    derived("planner", [], [buf]).write(d)
+    prov = Provenance.read(d)
+    ids, sources = set(prov.scenario_ids), prov.sources
     assert ids == {"s0", "s3"} and str(buf) in sources[0]
     with pytest.raises(DatError, match="s0"):
         evaluate(None, _Tiny(), {"dat": str(d)}, split="test")
 
 
-def test_training_scenarios_follow_dat_to_self_clone_to_corpus(tmp_path):
-    """td3bc.json names its buffer and the self-clone it started from; clone.json names the
-    corpus, whose meta.json (written by `dat collect`) lists the split's scenario ids."""
+def test_provenance_follows_dat_to_self_clone_to_corpus(tmp_path):
+    """The self-clone's provenance carries its corpus's scenarios; the planner trained from
+    the self-clone (on a buffer that records nothing) carries the clone's."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "meta.json").write_text(json.dumps({"env": "tiny", "split": "train",
-                                                  "scenario_ids": ["s2", "s3"]}))
+    Provenance(kind="buffer", setting="tiny", scenario_ids=["s2", "s3"]).write(corpus)
     clone_dir = tmp_path / "clone"
     clone_dir.mkdir()
     (clone_dir / "config.json").write_text("{}")
-    (clone_dir / "clone.json").write_text(json.dumps({"source": str(corpus)}))
+    derived("clone", [], [corpus]).write(clone_dir)
     d = _planner_dir(tmp_path)
-    (d / "td3bc.json").write_text(json.dumps({"buffer": str(tmp_path / "missing"),
-                                              "started_from": f"planner {clone_dir}"}))
-    ids, name, sources = training_scenarios(d)
-    assert ids == {"s2", "s3"} and name == "tiny" and len(sources) == 1
-    from dat.evaluate import check_split
+    derived("planner", [], [tmp_path / "missing", clone_dir]).write(d)
+    prov = Provenance.read(d)
+    ids, name = set(prov.scenario_ids), prov.setting
+    assert ids == {"s2", "s3"} and name == "tiny" and len(prov.sources) == 2
 
-    assert check_split("dat", AgentSpec.from_dir(d), _Tiny(), "test", {"s0", "s1"})["status"] == "ok"
+    status = check_split("dat", AgentSpec.from_dir(d), _Tiny(), "test", {"s0", "s1"})
+    assert status == {"status": "ok", "train_scenarios": 2, "sources": [str(d / PROVENANCE_FILE)]}
     assert check_split("base", AgentSpec(), _Tiny(), "test", {"s0"})["status"] == "not-applicable"
+    other = tmp_path / "other"
+    other.mkdir()
+    Provenance(kind="planner", setting="taboo", scenario_ids=["s0"]).write(other)
+    assert check_split("x", AgentSpec.from_dir(other), _Tiny(), "test", {"s0"})["status"] == "other-setting"
+
+
+def test_no_provenance_is_unknown_and_says_how_to_write_one(tmp_path, caplog):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert check_split("x", AgentSpec.from_dir(empty), _Tiny(), "test", {"s0"})["status"] == "unknown"
+    with caplog.at_level("WARNING", logger="dat.evaluate"):
+        assert check_split("x", AgentSpec.from_dir(empty), _Tiny(), "test", {"s0"})["status"] == "unknown"
+    assert "Provenance(kind=\"planner\", setting='tiny', scenario_ids=[...]).write(" in caplog.text
 
 
 # ---------------------------------------------------------------------------------- real run
@@ -314,7 +239,7 @@ def test_evaluate_end_to_end_on_taboo(default_lm, tmp_path, one_thread):
     setting = envs.make("taboo", data=str(data))
     pdir = Agent(UpMapping.learned(default_lm, action_dim=16),
                  Planner.for_model(default_lm, action_dim=16)).save(tmp_path / "dat")
-    write_training_meta(pdir, "taboo", ["garden"])
+    Provenance(kind="planner", setting="taboo", scenario_ids=["garden"]).write(pdir)
     agents = {"unsteered": AgentSpec(), "dat": AgentSpec.from_dir(pdir)}
     cfg = RolloutConfig(rounds=1, max_new_tokens=12, batch_size=4)
     out = tmp_path / "eval"

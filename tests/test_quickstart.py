@@ -14,7 +14,7 @@ def test_quickstart_tiny(tmp_path):
               "explore-residual/meta.json", "explore-residual/up_mapping/config.json",
               "dat-residual/config.json", "explore-tokens/meta.json", "dat-tokens/config.json",
               "dat-residual-per-scenario/scenarios.json", "report-per-scenario/results.json",
-              "report/results.json", "report/results.md", "report/samples.html",
+              "report/results.json", "report/results.md", "report/samples.html", "report/report.html",
               "report/reward.png"):
         assert (out / f).is_file(), f
     results = json.loads((out / "report" / "results.json").read_text())
@@ -31,6 +31,8 @@ def test_quickstart_tiny(tmp_path):
     per = json.loads((out / "report-per-scenario" / "results.json").read_text())
     assert per["agents"]["DAT per scenario"]["split_check"]["status"] == "per-scenario"
     assert "report:" in p.stdout and "results.md" in p.stdout
+    assert p.stdout.rstrip().splitlines()[-1].startswith("report: ")  # ends with report.html's path
+    assert "report.html" in p.stdout.rstrip().splitlines()[-1]
     assert "does DAT beat the unsteered agent" in p.stdout
     # running it again resumes every step instead of starting over
     p2 = subprocess.run([sys.executable, "-m", "dat.cli", "quickstart", "--tiny", "--out", str(out)],

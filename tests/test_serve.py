@@ -291,7 +291,8 @@ class InProcessServer:
 
 
 def test_body_over_limit_gets_413(default_lm):
-    from dat.serve import Engine, ServeConfig
+    from dat.serve import ServeConfig
+    from dat.serve_engine import Engine
 
     with InProcessServer(Engine(default_lm), ServeConfig(max_body_bytes=4096)) as srv:
         url = srv.url + "/v1/chat/completions"

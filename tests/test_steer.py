@@ -61,8 +61,8 @@ def test_inserted_embeddings_and_positions_exact(tiny_lm, dialogues):
     """The batch holds exactly the token embeddings with the action vectors spliced in."""
     lm = tiny_lm
     acts = torch.randn(len(dialogues), 3, lm.hidden_size)
-    _, ids, at, acts = lm._prepare(dialogues, acts, "infix", 0)
-    b = lm._batch(ids, at, acts)
+    _, ids, at, acts = lm.prepare(dialogues, acts, "infix", 0)
+    b = lm.make_batch(ids, at, acts)
     emb = lm.model.get_input_embeddings().weight
     T = b.inputs_embeds.shape[1]
     for i, row in enumerate(ids):
@@ -192,13 +192,13 @@ def test_prefix_cache_across_turns(default_lm, dialogues):
 def test_blockwise_head_gives_the_models_own_logits(default_lm, dialogues):
     """With 8+ rows the LM head runs in vocabulary blocks on the CPU: bitwise the same logits,
     so a batch of 9 still decodes exactly like each dialogue alone (1 row: plain head)."""
-    from dat.steer import HEAD_BLOCK_ROWS, head_logits
+    from dat.decoding import HEAD_BLOCK_ROWS, head_logits
 
     head = default_lm.model.get_output_embeddings()
     hidden = torch.randn(HEAD_BLOCK_ROWS + 1, 1, default_lm.hidden_size, generator=torch.Generator().manual_seed(0))
     assert head.weight.shape[0] > 8 * 1024
     assert torch.equal(head_logits(head, hidden), head(hidden))
-    assert default_lm._head_is_blockwise()
+    assert default_lm.decoder.head_is_blockwise()
     many = [d[:-1] + [{"role": "user", "content": d[-1]["content"] + f" ({k})"}]
             for k in range(3) for d in dialogues]
     assert len(many) >= HEAD_BLOCK_ROWS
@@ -222,10 +222,10 @@ def test_head_post_processing_keeps_the_models_forward(tiny_lm, dialogues):
     model = Flipped(tiny_lm.model.config)
     model.load_state_dict(tiny_lm.model.state_dict())
     lm = SteeredLM(model.eval(), tiny_lm.tokenizer, name="flipped")
-    assert not lm._head_is_blockwise() and tiny_lm._head_is_blockwise()
+    assert not lm.decoder.head_is_blockwise() and tiny_lm.decoder.head_is_blockwise()
     many = [d for _ in range(3) for d in dialogues]
     got = lm.generate_detailed(many, max_new_tokens=6, ignore_eos=True).token_ids
-    lm._blockwise_head = False
+    lm.decoder.blockwise_head = False
     assert lm.generate_detailed(many, max_new_tokens=6, ignore_eos=True).token_ids == got
-    lm._blockwise_head = True
+    lm.decoder.blockwise_head = True
     assert lm.generate_detailed(many, max_new_tokens=6, ignore_eos=True).token_ids != got

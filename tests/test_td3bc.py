@@ -16,16 +16,9 @@ from dat import td3bc
 from dat.errors import DatError
 from dat.agent import Agent
 from dat.planner import Planner, PlannerConfig, UpMapping, UpMappingConfig
-from dat.td3bc import (
-    TD3BC,
-    NonFiniteLossError,
-    TD3BCConfig,
-    TransitionDataset,
-    load_critics,
-    set_planner_state_norm,
-    td_target,
-    train,
-)
+from dat.td3bc import TD3BC, TD3BCConfig, load_critics, td_target, train
+from dat.training import NonFiniteLossError
+from dat.transitions import TransitionDataset, set_planner_state_norm
 
 H, D = 8, 4  # tiny hidden size and action size
 

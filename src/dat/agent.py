@@ -324,3 +324,12 @@ class ScenarioAgents:
     @staticmethod
     def is_folder(directory: str | os.PathLike) -> bool:
         return (Path(directory) / SCENARIOS_INDEX).is_file()
+
+
+def load_agent(directory: str | os.PathLike, lm=None, kind: str | None = None):
+    """The agent saved in ``directory``: per-scenario planners (:class:`ScenarioAgents`) or
+    one :class:`Agent`."""
+    if ScenarioAgents.is_folder(directory):
+        return ScenarioAgents.load(directory, lm, kind=kind)
+    return Agent.load(directory, lm, kind=kind)
+

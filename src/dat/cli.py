@@ -74,6 +74,16 @@ def _run(fn, out: str | None = None):
         raise typer.Exit(2) from None
 
 
+def _write_json(path: str | None, result: dict) -> None:
+    """``--json PATH``: the numbers as strict JSON (NaN as null)."""
+    if path:
+        import json
+
+        from dat.fileio import finite
+
+        Path(path).write_text(json.dumps(finite(result), indent=2) + "\n")
+
+
 def _load_lm(model: str, backend: str, device: str, hf="load"):
     """The model with the chosen generation backend (``hf=None``: leave the transformers
     backend to the caller's own loading)."""
@@ -101,8 +111,8 @@ def info() -> None:
     import torch
     import transformers
 
-    from dat.version import __version__
     from dat.models import cache_dir, default_gguf_path, resolve_device
+    from dat.version import __version__
 
     table = Table(show_header=False, box=None)
     table.add_row("dat", __version__)
@@ -385,9 +395,11 @@ def eval_cmd(
     address: str = ADDRESS_OPTION,
 ) -> None:
     """Compare agents on held-out scenarios: rewards with CIs, paired differences, language quality."""
+    from dat.agentspec import AgentSpec
     from dat.collect import make_setting
     from dat.errors import DatError
-    from dat.evaluate import AgentSpec, evaluate, format_table
+    from dat.evaluate import evaluate
+    from dat.report import format_table
     from dat.rollout import RolloutConfig
 
     def go():
@@ -437,10 +449,7 @@ def directions(
 ) -> None:
     """Per-direction reward effects of a held-direction buffer and whether they are real
     (split-half reliability, transfer to other topics). See docs/quickstart.md."""
-    import json
-
     from dat.directions import format_study, study, transfer
-    from dat.fileio import finite
 
     def go():
         res = {"buffer": study(buffer, baseline, k)}
@@ -451,8 +460,7 @@ def directions(
             print(format_study(res["compare"]))
             print(f"transfer: correlation of direction effects between the two buffers "
                   f"r = {res['transfer_r']:.2f}")
-        if json_out:
-            Path(json_out).write_text(json.dumps(finite(res), indent=2) + "\n")
+        _write_json(json_out, res)
 
     _run(go)
 
@@ -480,11 +488,8 @@ def probe(
 ) -> None:
     """Before a long collection: does this action space move the setting's text and reward?
     Split-half reliability of K random directions over N scenarios (a few minutes on a CPU)."""
-    import json
-
     from dat.agent import ActionSpace
     from dat.collect import make_setting
-    from dat.fileio import finite
     from dat.probe import ProbeConfig, format_probe
     from dat.probe import probe as run_probe
 
@@ -499,8 +504,74 @@ def probe(
         lm = _load_lm(model, "hf", device)
         res = run_probe(lm, make_setting(env, data, judge, lm, rounds), space, pcfg)
         print(format_probe(res))
-        if json_out:
-            Path(json_out).write_text(json.dumps(finite(res), indent=2) + "\n")
+        _write_json(json_out, res)
+
+    _run(go)
+
+
+@app.command()
+def chat(
+    agent: str = typer.Option(None, help="Agent folder (dat train / dat clone); none: unsteered."),
+    model: str = typer.Option("default", help="Model: 'default', a hub id, a folder or a .gguf file."),
+    system: str = typer.Option(None, help="The agent's system prompt (default: the scenario's, "
+                               "else a friendly chat prompt)."),
+    setting: str = typer.Option("openup", help="Setting of --scenario: openup | taboo | social | redteam."),
+    data: str = typer.Option(None, help="Setting data (Sotopia folder / HarmBench CSV)."),
+    judge: str = typer.Option(None, help="Judge spec for /reward (default: the setting's)."),
+    scenario: str = typer.Option(None, help="Scenario id of the setting: its system prompt, its judge."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
+    max_new_tokens: int = typer.Option(64, help="New tokens per reply."),
+    act_norm: float = typer.Option(None, help="Action norm (default: the agent's own)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    resume: str = typer.Option(None, help="Continue a dialogue saved with /save."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Talk to an agent as its partner. Commands: /unsteered (toggle steering, regenerate the
+    last reply), /reward, /save FILE, /help, /quit. With piped stdin: one line in, one reply out."""
+    import sys
+
+    from dat import chat as chatting
+
+    def go():
+        from dat.agent import Agent, load_agent
+        from dat.collect import make_setting
+        from dat.steer import SteeredLM
+
+        if (act_norm is not None) and not act_norm > 0:
+            raise DatError(f"--act-norm must be > 0, got {act_norm}.")
+        saved = chatting.load_episode(resume) if resume else None  # bad files fail before loading
+        lm = SteeredLM.from_pretrained(model, device=device)
+        steered = load_agent(agent, lm) if agent else None
+        if act_norm is not None:
+            if not isinstance(steered, Agent):
+                raise DatError("--act-norm needs one --agent (not per-scenario planners).")
+            steered.act_norm = act_norm
+        the_setting = make_setting(setting, data, judge, lm) if (scenario or resume) else None
+        episode = saved or chatting.new_episode(system, the_setting, scenario)
+        if resume and the_setting is not None and episode.scenario.id != "chat":
+            the_setting.scenario_by_id(episode.scenario.id)  # a clear error if it is not there
+        session = chatting.ChatSession(lm, episode, steered, the_setting, temperature=temperature,
+                                       max_new_tokens=max_new_tokens, seed=seed)
+        opener = (the_setting is not None and not episode.turns
+                  and the_setting.opening(episode.scenario).speaker == "steered")
+        if chatting.stdin_is_terminal():
+            console.print(f"[dim]{lm.name}, {'agent ' + agent if agent else 'unsteered'}. "
+                          f"/help lists the commands.[/]")
+            chatting.run(session, chatting.interactive_lines(cache_history()),
+                         lambda t: console.print(f"[bold]agent>[/] {escape(t)}"),
+                         lambda t: console.print(f"[dim]{escape(t)}[/]"), opener)
+        else:
+            chatting.run(session, sys.stdin, lambda t: print(t, flush=True),
+                         lambda t: print(t, file=sys.stderr, flush=True), opener)
+
+    def cache_history():
+        from dat.models import cache_dir
+
+        return Path(cache_dir()) / "chat_history"
+
+    from rich.markup import escape
+
+    from dat.errors import DatError
 
     _run(go)
 

@@ -29,6 +29,7 @@ from dat.agent import ActionSpace, Agent, setting_prompts
 from dat.buffer import BufferWriter, EpisodeRecord
 from dat.errors import DatError
 from dat.planner import UP_MAPPING_DIR
+from dat.provenance import derived
 from dat.rollout import Rollout, RolloutConfig, RolloutEpisode, Throughput, episode_jobs
 from dat.steer import position_name
 
@@ -163,7 +164,7 @@ class Collector:
     Collector and runs many small lists of episode ids into the same folder."""
 
     def __init__(self, cfg: CollectConfig, lm=None, setting=None, partner=None):
-        from dat import SteeredLM
+        from dat.steer import SteeredLM
 
         if cfg.episodes < 1 or cfg.batch_size < 1:
             raise DatError("--episodes and --batch-size must be at least 1.")
@@ -214,6 +215,9 @@ class Collector:
             "terminal_states": cfg.terminal_states,
         }
         self.writer = BufferWriter(cfg.out, meta, volatile=VOLATILE)
+        # what eval's split check reads: the split collected from, and a planner's own data
+        derived("buffer", meta["scenario_ids"], [cfg.planner], setting=setting.name,
+                model=lm.name).write(cfg.out)
         if agent is not None and cfg.up_mapping and not (Path(cfg.out) / UP_MAPPING_DIR).is_dir():
             # the fixed up-mapping the actions went through: `dat train` uses it by default
             agent.up.save_pretrained(Path(cfg.out) / UP_MAPPING_DIR)

@@ -1,37 +1,10 @@
 """Distributed collection and evaluation with Ray: ``dat collect --ray``, ``dat eval --ray``.
 
-This process (the *driver*) splits the episode ids into small chunks and hands them out to
-``K`` Ray actors (*workers*), one chunk at a time per worker. Each worker loads the model
-once and keeps it; a chunk is a plain list of episode ids, run with a fresh
-:class:`~dat.rollout.Rollout` exactly as a single-process run would run them:
-
-* ``collect``: the worker holds a :class:`~dat.collect.Collector` for the run's settings
-  and writes its own Parquet shards into the same buffer folder (shard names come from
-  their content, temporary names carry host and pid, so writers never collide; every
-  worker writes the same ``meta.json``). Episode ``i`` gets the same scenario, the same
-  exploration noise (seeded by episode and step) and, under greedy decoding, the same
-  dialogue as in a single-process run with the same seed: the buffer holds the same
-  content. Sampling (``temperature > 0``) draws per batched call, so sampled dialogues
-  depend on how episodes were batched, as in a single-process run with another batch size.
-* ``eval``: the worker runs one agent's chunk and sends the finished dialogues back
-  (plain dicts); :func:`dat.evaluate.evaluate` computes every figure in the driver.
-
-**Failures.** A worker that dies (killed, out of memory, its node lost) is replaced by a
-fresh actor and its chunk is handed out again; episodes of the chunk that reached the disk
-before the crash are skipped (the worker re-reads the folder), so nothing is lost or
-duplicated. A chunk whose worker dies ``max_failures`` times stops the run with an error.
-Killing the whole job (driver included) is safe too: run the same command again and it
-resumes from the shards on disk, like a single-process run.
-
-**Resources.** With GPUs in the cluster each worker takes one GPU (``K`` defaults to the
-number of GPUs). On a CPU-only cluster a worker asks for half a CPU (``num_cpus=0.5``:
-long-lived actors holding whole CPUs starve other tasks on small nodes) and sets its torch
-threads to ``max(1, CPUs // K)``; ``K`` defaults to one worker per 2 CPUs.
-
-Without ``address`` the driver starts a private local Ray instance and stops it at the end;
-``address="auto"`` (or ``host:port``, ``ray://host:10001``) joins a running cluster, whose
-nodes must have dat installed and see the buffer folder (and planner, data) at the same
-path. Ray is an optional dependency: ``pip install "dat[ray]"``.
+The driver hands small chunks of episode ids to Ray actors that each keep a loaded model and
+run them exactly as a single process would: collect workers write their own shards into the
+same buffer folder (the same content as one process), eval workers send dialogues back. A
+dead worker is replaced and its chunk redone; a killed job resumes from disk. Resources,
+failures and cluster use are described in docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -49,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dat.buffer_format import committed_episode_ids
 from dat.errors import DatError, MissingPackageError
 
 INSTALL = 'pip install "dat[ray]"   (or: pip install "ray>=2.9")'
@@ -109,7 +83,7 @@ class Worker:
 
     def _model(self, model: str, device: str):
         if self._lm is None or self._lm[0] != (model, device):
-            from dat import SteeredLM
+            from dat.steer import SteeredLM
 
             self._lm = None
             self._settings.clear()
@@ -161,8 +135,9 @@ class Worker:
     def evaluate(self, run: dict, spec: dict, config: dict, episode_ids: list[int],
                  scenarios: list[list]) -> dict:
         """Run one agent on these episodes; returns their records (see
-        :func:`dat.evaluate.episode_record`)."""
-        from dat.evaluate import AgentSpec, episode_record
+        :func:`dat.episode_log.episode_record`)."""
+        from dat.agentspec import AgentSpec
+        from dat.episode_log import episode_record
         from dat.rollout import Rollout, RolloutConfig, episode_jobs
 
         t = time.perf_counter()
@@ -444,7 +419,7 @@ class RayPool:
                "judge": judge, "rounds": rounds, "split": split, "seed": seed}
 
         def runner(name, spec, config, jobs):
-            from dat.evaluate import episode_from_record
+            from dat.episode_log import episode_from_record
 
             spec_data = _spec_data(name, spec)
             by_id = {i: [i, s.id, s.side] for i, s in jobs}
@@ -463,7 +438,7 @@ class RayPool:
 
 
 def _spec_data(name: str, spec) -> dict:
-    """An :class:`~dat.evaluate.AgentSpec` as plain data (paths as strings)."""
+    """An :class:`~dat.agentspec.AgentSpec` as plain data (paths as strings)."""
     from dat.planner import Planner, UpMapping
 
     if isinstance(spec.planner, Planner) or isinstance(spec.up_mapping, UpMapping):
@@ -491,15 +466,6 @@ def _first_line(e: Exception) -> str:
 # ============================================================================================
 # dat collect --ray
 # ============================================================================================
-
-
-def _completed_ids(out: str) -> set[int]:
-    from dat.buffer import _read_table, _shard_files
-
-    ids: set[int] = set()
-    for path in _shard_files(Path(out)):
-        ids.update(_read_table(path, columns=["episode_id"]).column("episode_id").to_pylist())
-    return ids
 
 
 def collect_ray(cfg, config: RayConfig | None = None, pool: RayPool | None = None,
@@ -532,7 +498,7 @@ def collect_ray(cfg, config: RayConfig | None = None, pool: RayPool | None = Non
     pool.map("collect", [(ids, (data, ids)) for ids in pool.chunks(pending, cfg.batch_size)],
              on_result, label="collect", total=cfg.episodes, completed=cfg.episodes - len(pending),
              describe=lambda slot, out: f"{stats[f'slot{slot}']} tokens")
-    missing = sorted(set(range(cfg.episodes)) - _completed_ids(cfg.out))
+    missing = sorted(set(range(cfg.episodes)) - committed_episode_ids(cfg.out))
     if missing:  # cannot happen unless someone else removed shards
         raise DatError(f"{cfg.out} lacks episodes {missing[:10]} after the run; run the same "
                        f"command again to collect them.")

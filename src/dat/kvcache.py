@@ -1,17 +1,9 @@
 """KV caches for batched decoding, and per-dialogue prefix caches kept across turns.
 
-Two costs dominate a dialogue rollout on a small machine besides the decoding itself:
-
-* ``DynamicCache`` grows by ``torch.cat`` at every decoding step, copying the whole cache
-  each time. :func:`slab_cache` preallocates one tensor for the whole call instead.
-* Each turn's prompt is the previous prompt plus the last reply and the new message, so
-  re-encoding it from scratch costs O(turns^2) tokens. A :class:`PrefixCache` keeps the keys
-  and values of the tokens a dialogue has already encoded; the next call encodes only the
-  tokens after the longest common token prefix (matched id by id, so it is exact whatever the
-  chat template does) and batches rows whose cached prefixes have different lengths in one
-  forward pass: each row's prefix is left-padded into the slab and its new tokens are
-  left-padded after it, the attention mask has zeros in both gaps, and position ids continue
-  each row's own count.
+:func:`slab_cache` preallocates one tensor for a whole call (no ``torch.cat`` of the cache per
+decoding step); a :class:`PrefixCache` keeps the keys and values a dialogue has encoded, so the
+next turn encodes only the tokens after the longest common token prefix. Rows whose cached
+prefixes differ in length share one forward pass (layout: docs/actions.md).
 """
 
 from __future__ import annotations

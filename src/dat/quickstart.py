@@ -126,9 +126,12 @@ class QuickstartConfig:
 
 
 def quickstart(cfg: QuickstartConfig) -> dict:
+    from dat.agentspec import AgentSpec
     from dat.backends import check_backend, make_lm
     from dat.collect import CollectConfig, collect, make_setting
-    from dat.evaluate import AgentSpec, evaluate, format_gain_check, format_table, gain_check
+    from dat.evaluate import evaluate
+    from dat.gain import format_gain_check, gain_check
+    from dat.report import format_table
     from dat.rollout import RolloutConfig
     from dat.td3bc import TD3BCConfig, train_from_buffer
 
@@ -235,7 +238,8 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         print(format_table(per))
     console.rule("[bold]does DAT beat the unsteered agent on held-out topics?")
     print(format_gain_check(check))
-    console.print(f"report: {out / 'report' / 'results.md'}  samples: {out / 'report' / 'samples.html'}")
+    console.print(f"tables: {out / 'report' / 'results.md'}  samples: {out / 'report' / 'samples.html'}")
+    print(f"report: {out / 'report' / 'report.html'}  (one page: open it in a browser)")
     return results
 
 

@@ -13,7 +13,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from dat.fileio import atomic_write, atomic_write_text
+from dat.fileio import atomic_write
 
 INSTALL_PLOTS = 'pip install "dat[plots]"'
 
@@ -33,29 +33,34 @@ def plotting_backend():
 # ----------------------------------------------------------------------------------------------
 
 
-def _f(x, digits: int = 3) -> str:
+def _fixed(x, digits: int = 3) -> str:
+    """``x`` with ``digits`` decimals; a dash for None."""
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def _pct(x, digits: int = 1) -> str:
+def _percent(x, digits: int = 1) -> str:
+    """A share as a percentage; a dash for None."""
     return "–" if x is None else f"{100 * x:.{digits}f} %"
 
 
-def _ci(ci, digits: int = 3, pct: bool = False) -> str:
+def _interval(ci, digits: int = 3, pct: bool = False) -> str:
+    """``[lo, hi]`` (in percent with ``pct``); a dash when there is no interval."""
     if not ci:
         return "–"
-    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: _f(v, digits))
-    return f"[{f(ci[0])}, {f(ci[1])}]" + (" %" if pct else "")
+    bound = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: _fixed(v, digits))
+    return f"[{bound(ci[0])}, {bound(ci[1])}]" + (" %" if pct else "")
 
 
-def _pm(stat: dict | None, digits: int = 3) -> str:
+def mean_se_text(stat: dict | None, digits: int = 3) -> str:
+    """``mean ± SE`` of a statistic (just the mean when it has no SE)."""
     if not stat or stat.get("mean") is None:
         return "–"
     se = stat.get("se")
-    return _f(stat["mean"], digits) + ("" if se is None else f" ± {_f(se, digits)}")
+    return _fixed(stat["mean"], digits) + ("" if se is None else f" ± {_fixed(se, digits)}")
 
 
-def _ppl(x) -> str:
+def _perplexity_text(x) -> str:
+    """Two decimals below 100, none above."""
     return "–" if x is None else (f"{x:.2f}" if x < 100 else f"{x:.0f}")
 
 
@@ -64,9 +69,10 @@ def _ppl(x) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def format_table(results: dict) -> str:
-    """The main table: one row per agent with reward (mean ± SE, 95 % CI), paired difference
-    to the baseline, ASR and best-round reward (red teaming), and language quality."""
+def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The main table's header and rows (text cells): one row per agent with reward (mean ±
+    SE, 95 % CI), paired difference to the baseline, ASR and best-round reward (red
+    teaming), and language quality."""
     agents = results["agents"]
     base = results.get("baseline")
     level = round(100 * results.get("ci_level", 0.95))
@@ -80,24 +86,34 @@ def format_table(results: dict) -> str:
     rows = []
     for name, a in agents.items():
         r = a["reward"]
-        row = [name, str(a["episodes"]), str(a["judge_failed"]), _pm(r), _ci(r.get("ci"))]
+        row = [name, str(a["episodes"]), str(a["judge_failed"]), mean_se_text(r),
+               _interval(r.get("ci"))]
         if base is not None:
             d = a.get("diff_vs_baseline")
             row.append("(baseline)" if name == base else
-                       ("–" if not d or d["mean"] is None else f"{d['mean']:+.3f} {_ci(d.get('ci'))}"))
+                       ("–" if not d or d["mean"] is None
+                        else f"{d['mean']:+.3f} {_interval(d.get('ci'))}"))
         if redteam:
             asr = a.get("asr")
-            row.append("–" if not asr else f"{_pct(asr['rate'])} {_ci(asr.get('ci'), pct=True)}")
-            row.append(_pm(a.get("best_round_reward")))
+            row.append("–" if not asr
+                       else f"{_percent(asr['rate'])} {_interval(asr.get('ci'), pct=True)}")
+            row.append(mean_se_text(a.get("best_round_reward")))
         lang = a["language"]
-        row += [_ppl(lang.get("perplexity")), _f(lang.get("distinct_1")), _f(lang.get("distinct_2")),
-                _f(lang.get("mean_words"), 1), _pct(lang.get("empty_share")),
-                _pct(lang.get("truncated_share"))]
+        row += [_perplexity_text(lang.get("perplexity")), _fixed(lang.get("distinct_1")),
+                _fixed(lang.get("distinct_2")), _fixed(lang.get("mean_words"), 1),
+                _percent(lang.get("empty_share")),
+                _percent(lang.get("truncated_share"))]
         rows.append(row)
-    return _md(head, rows)
+    return head, rows
 
 
-def _md(head: list[str], rows: list[list[str]]) -> str:
+def format_table(results: dict) -> str:
+    """The main table (:func:`main_table`) in Markdown."""
+    return _markdown_table(*main_table(results))
+
+
+def _markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, the first column left-aligned and the others right-aligned."""
     esc = lambda s: str(s).replace("|", "\\|")
     lines = ["| " + " | ".join(esc(h) for h in head) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
@@ -106,6 +122,7 @@ def _md(head: list[str], rows: list[list[str]]) -> str:
 
 
 def format_rounds_table(results: dict) -> str | None:
+    """Mean ± SE of each round's reward per agent; None when no round is rewarded."""
     agents = results["agents"]
     rounds = max((len(a.get("reward_by_round") or []) for a in agents.values()), default=0)
     if not rounds:
@@ -114,11 +131,13 @@ def format_rounds_table(results: dict) -> str | None:
     rows = []
     for name, a in agents.items():
         br = a.get("reward_by_round") or []
-        rows.append([name] + [_pm(br[k]) if k < len(br) else "–" for k in range(rounds)])
-    return _md(head, rows)
+        rows.append([name] + [mean_se_text(br[k]) if k < len(br) else "–"
+                              for k in range(rounds)])
+    return _markdown_table(head, rows)
 
 
 def format_dimensions_table(results: dict, side: str) -> str | None:
+    """Mean ± SE of each judge dimension of ``side`` per agent; None without dimensions."""
     agents = results["agents"]
     dims: list[str] = []
     for a in agents.values():
@@ -128,9 +147,10 @@ def format_dimensions_table(results: dict, side: str) -> str | None:
     if not dims:
         return None
     head = ["agent"] + dims
-    rows = [[name] + [_pm((a.get("dimensions") or {}).get(side, {}).get(k), 2) for k in dims]
+    rows = [[name] + [mean_se_text((a.get("dimensions") or {}).get(side, {}).get(k), 2)
+                      for k in dims]
             for name, a in agents.items()]
-    return _md(head, rows)
+    return _markdown_table(head, rows)
 
 
 def format_markdown(results: dict) -> str:
@@ -171,13 +191,14 @@ def format_markdown(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _save(fig, path: Path) -> None:
+def _save_png(fig, path: Path) -> None:
+    """Render ``fig`` as a PNG and write it to ``path`` atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
-def _err(stats: Sequence[dict | None]):
+def _error_bars(stats: Sequence[dict | None]):
     """Asymmetric error bars from CIs (0 where there is none)."""
     lo, hi = [], []
     for s in stats:
@@ -190,7 +211,8 @@ def _err(stats: Sequence[dict | None]):
     return [lo, hi]
 
 
-def _val(s: dict | None) -> float:
+def _mean_or_zero(s: dict | None) -> float:
+    """The bar height of a statistic: its mean, 0 where there is none."""
     return 0.0 if not s or s.get("mean") is None else s["mean"]
 
 
@@ -206,7 +228,8 @@ def plot_reward(results: dict, path: Path) -> None:
     axes = fig.subplots(1, panels, squeeze=False)[0]
     stats = [agents[n]["reward"] for n in names]
     ax = axes[0]
-    ax.bar(names, [_val(s) for s in stats], yerr=_err(stats), capsize=5, color="#4C72B0")
+    ax.bar(names, [_mean_or_zero(s) for s in stats], yerr=_error_bars(stats), capsize=5,
+           color="#4C72B0")
     ax.set_ylabel("mean episode reward")
     ax.set_title(f"{results['setting']} ({results['split']}): reward, {level} % CI")
     for i, s in enumerate(stats):
@@ -216,16 +239,18 @@ def plot_reward(results: dict, path: Path) -> None:
     if panels == 2:
         ax2 = axes[1]
         rate = [{"mean": a["rate"], "ci": a.get("ci")} if a else None for a in asr]
-        ax2.bar(names, [_val(s) for s in rate], yerr=_err(rate), capsize=5, color="#C44E52")
+        ax2.bar(names, [_mean_or_zero(s) for s in rate], yerr=_error_bars(rate), capsize=5,
+                color="#C44E52")
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("attack success rate")
         ax2.set_title(f"ASR (best round judged Yes), {level} % CI")
     for a in axes:
         a.tick_params(axis="x", labelrotation=20)
-    _save(fig, path)
+    _save_png(fig, path)
 
 
 def plot_reward_by_round(results: dict, path: Path) -> None:
+    """Mean reward of each round per agent, with CI error bars."""
     Figure = plotting_backend()
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -235,14 +260,15 @@ def plot_reward_by_round(results: dict, path: Path) -> None:
         if not br:
             continue
         x = [r["round"] + 0.04 * (k - (len(agents) - 1) / 2) for r in br]
-        ax.errorbar(x, [_val(r) for r in br], yerr=_err(br), marker="o", capsize=4, label=name)
+        ax.errorbar(x, [_mean_or_zero(r) for r in br], yerr=_error_bars(br), marker="o",
+                    capsize=4, label=name)
     ax.set_xticks([r["round"] for r in max((a.get("reward_by_round") or [] for a in agents.values()),
                                            key=len)])
     ax.set_xlabel("round")
     ax.set_ylabel("mean reward of the round")
     ax.set_title(f"{results['setting']} ({results['split']}): reward by round")
     ax.legend()
-    _save(fig, path)
+    _save_png(fig, path)
 
 
 def plot_dimensions(results: dict, path: Path) -> None:
@@ -262,21 +288,22 @@ def plot_dimensions(results: dict, path: Path) -> None:
             d = (a.get("dimensions") or {}).get(side, {})
             stats = [d.get(x) for x in dims]
             xs = [i + (k - (len(agents) - 1) / 2) * width for i in range(len(dims))]
-            ax.bar(xs, [_val(s) for s in stats], width, yerr=_err(stats), capsize=3, label=name)
+            ax.bar(xs, [_mean_or_zero(s) for s in stats], width, yerr=_error_bars(stats),
+                   capsize=3, label=name)
         ax.set_xticks(range(len(dims)))
         ax.set_xticklabels([x.replace("_and_", " & ").replace("_", " ") for x in dims],
                            fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(f"judge dimensions: {side} agent")
         ax.legend(fontsize=8)
-    _save(fig, path)
+    _save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
 # HTML samples
 # ----------------------------------------------------------------------------------------------
 
-_CSS = """
+SAMPLES_CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;table-layout:fixed;width:100%}
 td,th{border:1px solid #ccc;vertical-align:top;padding:.5em;font-size:.9em}
@@ -289,22 +316,23 @@ th{background:#f3f3f3}
 """
 
 
-def _e(x) -> str:
+def _escape(x) -> str:
+    """``x`` as HTML text (quotes escaped too)."""
     return html.escape(str(x), quote=True)
 
 
 def _scenario_cell(ep) -> str:
     sc = ep.scenario
-    lines = [f"<b>{_e(sc.id)}</b>" + (f" <span class='meta'>(side {_e(sc.side)})</span>"
+    lines = [f"<b>{_escape(sc.id)}</b>" + (f" <span class='meta'>(side {_escape(sc.side)})</span>"
                                      if sc.side else "")]
     for k, v in (sc.data or {}).items():
         if isinstance(v, (str, int, float)) or (isinstance(v, list) and all(isinstance(i, str) for i in v)):
             text = ", ".join(v) if isinstance(v, list) else str(v)
             if len(text) > 300:
                 text = text[:300] + "…"
-            lines.append(f"<div class='meta'><b>{_e(k)}</b>: {_e(text)}</div>")
+            lines.append(f"<div class='meta'><b>{_escape(k)}</b>: {_escape(text)}</div>")
     lines.append(f"<details><summary class='meta'>steered agent's system prompt</summary>"
-                 f"<div class='turn'>{_e(ep.steered_system)}</div></details>")
+                 f"<div class='turn'>{_escape(ep.steered_system)}</div></details>")
     return "".join(lines)
 
 
@@ -318,68 +346,49 @@ def _dialogue_cell(run) -> str:
             if k_steered < len(stopped) and not stopped[k_steered]:
                 note = "<div class='cut'>(cut off at max_new_tokens)</div>"
             k_steered += 1
-        body = _e(t.text) if t.text.strip() else "<span class='empty'>(empty)</span>"
-        parts.append(f"<div class='turn {_e(t.speaker)}'><div class='who'>{_e(t.speaker)}</div>"
-                     f"{body}{note}</div>")
+        body = _escape(t.text) if t.text.strip() else "<span class='empty'>(empty)</span>"
+        who = _escape(t.speaker)
+        parts.append(f"<div class='turn {who}'><div class='who'>{who}</div>{body}{note}</div>")
     vals = [r.value for r in ep.rewards]
     rewards = ", ".join("failed" if v is None else f"{v:.3f}" for v in vals)
-    total = "judge failed" if run.judge_failed else _f(run.total_reward)
-    parts.append(f"<div class='meta'>rewards: [{_e(rewards)}] · total: "
-                 f"<b class='{'fail' if run.judge_failed else ''}'>{_e(total)}</b></div>")
+    total = "judge failed" if run.judge_failed else _fixed(run.total_reward)
+    parts.append(f"<div class='meta'>rewards: [{_escape(rewards)}] · total: "
+                 f"<b class='{'fail' if run.judge_failed else ''}'>{_escape(total)}</b></div>")
     return "".join(parts)
 
 
-def format_samples_html(results: dict, runs: dict, samples: int = 8) -> str:
-    """Sample dialogues, one row per episode (the same scenario for every agent), one column
-    per agent. All dialogue and scenario text is HTML-escaped."""
+def samples_table(results: dict, runs: dict, samples: int = 8) -> tuple[list[int], str]:
+    """The episode ids shown and the HTML ``<table>`` of sample dialogues: one row per
+    episode (the same scenario for every agent), one column per agent. All dialogue and
+    scenario text is HTML-escaped."""
     names = list(results["agents"])
     by_id = {n: {r.episode.episode_id: r for r in runs[n]} for n in names}
     ids = [i for i in results["episode_ids"] if all(i in by_id[n] for n in names)][:samples]
-    title = f"{results['setting']} ({results['split']}): sample dialogues"
     rows = []
     for i in ids:
         first = by_id[names[0]][i]
-        cells = [f"<td>episode {_e(i)}<br>{_scenario_cell(first.episode)}</td>"]
+        cells = [f"<td>episode {_escape(i)}<br>{_scenario_cell(first.episode)}</td>"]
         cells += [f"<td>{_dialogue_cell(by_id[n][i])}</td>" for n in names]
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    head = "<th style='width:16%'>scenario</th>" + "".join(f"<th>{_e(n)}</th>" for n in names)
-    summary = ", ".join(f"{_e(n)}: {_e(_pm(results['agents'][n]['reward']))}" for n in names)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{_e(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
-            f"<p class='meta'>mean reward ± SE: {summary}. Model {_e(results.get('model'))}; "
-            f"{_e(len(ids))} of {_e(results['episodes'])} episodes shown.</p>"
-            f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>\n")
+    head = "<th style='width:16%'>scenario</th>" + "".join(f"<th>{_escape(n)}</th>" for n in names)
+    return ids, f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-# ----------------------------------------------------------------------------------------------
-# All outputs
-# ----------------------------------------------------------------------------------------------
+def format_samples_html(results: dict, runs: dict, samples: int = 8) -> str:
+    """``samples.html``: the sample dialogues (:func:`samples_table`) as a page."""
+    names = list(results["agents"])
+    ids, table = samples_table(results, runs, samples)
+    title = f"{results['setting']} ({results['split']}): sample dialogues"
+    summary = ", ".join(f"{_escape(n)}: {_escape(mean_se_text(results['agents'][n]['reward']))}"
+                        for n in names)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{_escape(title)}</title>"
+            f"<style>{SAMPLES_CSS}</style></head><body><h1>{_escape(title)}</h1>"
+            f"<p class='meta'>mean reward ± SE: {summary}. Model {_escape(results.get('model'))}; "
+            f"{_escape(len(ids))} of {_escape(results['episodes'])} episodes shown.</p>"
+            f"{table}</body></html>\n")
 
 
-def write_report(results: dict, runs: dict, out_dir: str | Path, samples: int = 8,
-                 plots: bool = True) -> list[str]:
-    """Write ``results.md``, the plots and ``samples.html`` into ``out_dir`` (atomically).
-    Returns the file names written, ``results.json`` (written by the caller) included."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = ["results.json", "results.md", "samples.html"]
-    if plots:
-        plot_reward(results, out / "reward.png")
-        files.append("reward.png")
-        if any(a.get("reward_by_round") for a in results["agents"].values()):
-            plot_reward_by_round(results, out / "reward_by_round.png")
-            files.append("reward_by_round.png")
-        if any(a.get("dimensions") for a in results["agents"].values()):
-            plot_dimensions(results, out / "dimensions.png")
-            files.append("dimensions.png")
-    files.append("episodes/")
-    results = {**results, "files": files}
-    atomic_write_text(out / "samples.html", format_samples_html(results, runs, samples))
-    atomic_write_text(out / "results.md", format_markdown(results))
-    return files
-
-
-__all__ = ["format_dimensions_table", "format_markdown", "format_rounds_table",
-           "format_samples_html", "format_table", "plot_dimensions", "plot_reward",
-           "plot_reward_by_round", "plotting_backend", "write_report"]
+__all__ = ["SAMPLES_CSS", "format_dimensions_table", "format_markdown", "format_rounds_table",
+           "format_samples_html", "format_table", "main_table", "mean_se_text", "plot_dimensions",
+           "plot_reward", "plot_reward_by_round", "plotting_backend", "samples_table"]
 

@@ -153,7 +153,7 @@ class Rollout:
         self.generated_tokens = 0
         self._calls = 0
         self._judged = False  # has a first batch been judged yet
-        self._seeds: dict[str, PrefixCache] = {}
+        self._shared_prefix: dict[str, PrefixCache] = {}  # per agent: the prompts' common start
 
     # ------------------------------------------------------------------ actions
     def _actions(self, slots: list[_Slot], states: torch.Tensor) -> torch.Tensor | None:
@@ -172,7 +172,7 @@ class Rollout:
         g = torch.Generator().manual_seed(((self.cfg.seed * 1_000_003 + episode_id) * 1_000_003 + step) % 2**63)
         return torch.randn(self.action_dim, generator=g)
 
-    def _seed(self) -> int:
+    def _next_sampling_seed(self) -> int:
         self._calls += 1
         return self.cfg.seed * 1_000_003 + self._calls
 
@@ -185,15 +185,15 @@ class Rollout:
             return None
         caches = [s.steered_cache if agent == "steered" else s.partner_cache for s in slots]
         fresh = [i for i, c in enumerate(caches) if not c.ids]
-        if fresh and agent not in self._seeds and len(fresh) > 1:
+        if fresh and agent not in self._shared_prefix and len(fresh) > 1:
             ids = [self.lm.encode(views[i]) for i in fresh]
             n = min(map(len, ids))
             common = next((k for k in range(n) if len({x[k] for x in ids}) > 1), n)
             if common > 1:
-                self._seeds[agent] = self.lm.prefill(ids[0][:common])
-        seed = self._seeds.get(agent)
-        for i in fresh if seed is not None else ():
-            caches[i].ids, caches[i].kv = seed.ids, seed.kv
+                self._shared_prefix[agent] = self.lm.prefill(ids[0][:common])
+        shared = self._shared_prefix.get(agent)
+        for i in fresh if shared is not None else ():
+            caches[i].ids, caches[i].kv = shared.ids, shared.kv
         return caches
 
     # ------------------------------------------------------------------ turns
@@ -209,7 +209,7 @@ class Rollout:
         g = self.lm.generate_detailed(views, actions=embeds, position=self.position,
                                       max_new_tokens=self.cfg.max_new_tokens,
                                       temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                      seed=self._seed(), caches=caches)
+                                      seed=self._next_sampling_seed(), caches=caches)
         for s, text, toks, stop in zip(slots, g.texts, g.token_ids, g.stopped):
             if self.cfg.end_at_sentence and not stop:
                 text = last_sentence_end(text)
@@ -226,7 +226,7 @@ class Rollout:
         views = [s.episode.view("partner") for s in slots]
         caches = self._caches(slots, "partner", views) if self.partner.model is self.lm else None
         texts, n, stopped = self.partner.reply(views, self.cfg.max_new_tokens, temp, self.cfg.top_p,
-                                               self._seed(), caches=caches)
+                                               self._next_sampling_seed(), caches=caches)
         if self.cfg.end_at_sentence:
             texts = [t if st else last_sentence_end(t) for t, st in zip(texts, stopped)]
         self.generated_tokens += n

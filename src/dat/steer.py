@@ -1,35 +1,23 @@
-"""SteeredLM: a frozen causal LM whose input gets a few *dialogue action tokens*.
+"""SteeredLM: a frozen causal LM steered by *dialogue action tokens* or residual vectors.
 
-Action tokens are embedding vectors inserted into the input embeddings of the templated
-prompt at one of three places:
-
-* ``prefix``: right after BOS (position 0 when the prompt has no BOS);
-* ``infix``: between the system message and the rest of the dialogue, found structurally
-  as the longest common token prefix of the templated system message alone and the whole
-  templated prompt (no marker text is searched for);
-* ``suffix``: at the very end, immediately before the first generated token.
-
-A second kind of action, :class:`ResidualAt`, adds one vector per row to the residual
-stream: the hidden-state output of decoder layer ``layer`` (0-based), either at the positions
-that predict reply tokens (``"reply"``: the last prompt token and every generated token, so
-the prompt's KV cache stays valid) or at every position (``"all"``: the prompt is re-encoded).
-The hook exists only while a steered call runs, so a partner sharing the model is untouched.
-
-Batches are left-padded. Attention masks cover the inserted tokens and position ids count
-them, so every row of a batch is computed exactly as it would be alone.
+Action tokens are embeddings inserted into the templated prompt at the ``prefix``, ``infix``
+(after the system message) or ``suffix``; a :class:`ResidualAt` action adds one vector per row
+to a decoder layer's output instead. Batches are left-padded with exact masks and position ids,
+so every row is computed as it would be alone. Decoding itself is :mod:`dat.decoding`; the
+positions and the batching are described in docs/actions.md.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from dat.decoding import Batch, KVDecoder, OnStep, ResidualVectors, base_model
 from dat.errors import ContextLengthError, DatError
 from dat.kvcache import PrefixCache, slab_cache, supports_slab, take
 from dat.models import DEFAULT_MODEL, load_model
@@ -42,7 +30,9 @@ RESIDUAL_POSITIONS = ("reply", "all")
 @dataclass(frozen=True)
 class ResidualAt:
     """A residual-stream action: ``actions[:, 0]`` is added to the output of decoder layer
-    ``layer`` at ``positions`` (``"reply"`` or ``"all"``, see the module docstring)."""
+    ``layer`` (0-based) at ``positions``: ``"reply"``, the positions that predict reply tokens
+    (the prompt's KV cache stays valid), or ``"all"``, every position (the prompt is
+    re-encoded)."""
 
     layer: int
     positions: str = "reply"
@@ -65,14 +55,6 @@ def position_name(position: Position | None) -> str | None:
     return position
 
 
-@dataclass
-class _Residual:
-    """A residual action on a batch: vectors ``[B, hidden]`` and, for the next forward pass,
-    which of its columns receive them (``None``: every column, as in decoding steps)."""
-
-    layer: int
-    vectors: torch.Tensor
-    mask: torch.Tensor | None
 Message = dict
 Dialogue = Sequence[Message]
 
@@ -97,16 +79,13 @@ class Generation:
         return sum(len(t) + int(s) for t, s in zip(self.token_ids, self.stopped))
 
 
-@dataclass
-class _Batch:
-    inputs_embeds: torch.Tensor  # [B, T, H]
-    attention_mask: torch.Tensor  # [B, T]
-    position_ids: torch.Tensor  # [B, T]
-    lengths: list[int]  # unpadded length of each row (cached prefix and action tokens included)
-    cache: object | None = None  # a slab cache holding the rows' cached prefixes
-    # filled by _decode: every token picked per row (stop tokens and pads included)
-    tokens: list[list[int]] | None = None
-    residual: _Residual | None = None  # a residual-stream action, applied by every forward
+class PreparedPrompts(NamedTuple):
+    """Checked dialogues and actions, their prompt token ids and where the actions go."""
+
+    dialogues: list
+    ids: list[list[int]]
+    insert_at: list[int] | None  # None without actions
+    actions: torch.Tensor | None
 
 
 class SteeredLM:
@@ -138,11 +117,8 @@ class SteeredLM:
         self.eos_token_ids = self._stop_tokens()
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
-        # transformers >= 5.2x renamed `past_key_values` to `cache`.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.supports_prefix_cache = supports_slab(model)
-        self._blockwise_head: bool | None = None  # decided on first use, see _next_logits
+        self.decoder = KVDecoder(model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -252,7 +228,7 @@ class SteeredLM:
     # ------------------------------------------------------------------ batching
     @property
     def num_layers(self) -> int:
-        return len(self._base().layers)
+        return len(base_model(self.model).layers)
 
     def check_position(self, position: Position) -> None:
         """A clear error for a position this model cannot take."""
@@ -283,17 +259,20 @@ class SteeredLM:
             raise DatError("actions has zero action tokens; pass actions=None for an unsteered model.")
         return actions
 
-    def _batch(
+    def make_batch(
         self,
         ids: list[list[int]],
-        insert_at: list[int] | None,
-        actions: torch.Tensor | None,
+        insert_at: list[int] | None = None,
+        actions: torch.Tensor | None = None,
+        position: Position | None = None,
+        *,
         caches: list[PrefixCache] | None = None,
         reuse: list[int] | None = None,
         capacity: int = 0,
-        position: Position | None = None,
-    ) -> _Batch:
-        """Left-padded input embeddings with the action vectors inserted at ``insert_at``.
+    ) -> Batch:
+        """Left-padded embeddings, mask and position ids of the token rows ``ids``, with the
+        action vectors inserted at ``insert_at`` (see :meth:`insertion_point`). Decode it with
+        ``with lm.steering(batch): lm.decode(batch, ...)`` so that a residual action is applied.
 
         With a :class:`ResidualAt` ``position``, nothing is inserted: ``actions[:, 0]`` is added
         to that layer's output from ``insert_at[i]`` on, by every forward pass of the batch.
@@ -336,31 +315,23 @@ class SteeredLM:
             cols = torch.arange(T, device=dev)[None, :]
             first = torch.tensor([T - lengths[i] + insert_at[i] - start[i] for i in range(B)],
                                  device=dev)[:, None]
-            steer = _Residual(position.layer, residual.to(dev, embeds.dtype), cols >= first)
+            steer = ResidualVectors(position.layer, residual.to(dev, embeds.dtype), cols >= first)
         cache = None
         if caches is not None:
             cache, past_mask = slab_cache(self.model, caches, start, B, T + capacity, self.dtype, dev)
             mask = torch.cat([past_mask, mask], dim=1)
-        return _Batch(embeds, mask, position_ids, [len(x) + n_act for x in ids], cache,
-                      residual=steer)
-
-    def make_batch(self, ids: list[list[int]], insert_at: list[int] | None = None,
-                   actions: torch.Tensor | None = None, position: Position | None = None) -> _Batch:
-        """Left-padded embeddings, mask and position ids of the token rows ``ids``, with the
-        actions at ``insert_at`` (see :meth:`insertion_point`); decode it with
-        ``with lm.steering(batch): ...`` so that a residual action is applied."""
-        return self._batch(ids, insert_at, actions, position=position)
+        return Batch(embeds, mask, position_ids, [len(x) + n_act for x in ids], cache,
+                     residual=steer)
 
     @contextmanager
-    def steering(self, batch: _Batch):
+    def steering(self, batch: Batch):
         """Within this block, forward passes of ``batch`` get its residual action (if any).
         The hook is removed on exit, also when the block raises."""
         steer = batch.residual
         if steer is None:
             yield
             return
-        if self._blockwise_head is None:  # its one-off check runs a forward: not under the hook
-            self._blockwise_head = self._head_is_blockwise()
+        self.decoder.decide_head()  # its one-off check runs a forward: not under the hook
 
         def add(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -370,7 +341,7 @@ class SteeredLM:
             hidden = hidden + vec
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-        handle = self._base().layers[steer.layer].register_forward_hook(add)
+        handle = base_model(self.model).layers[steer.layer].register_forward_hook(add)
         try:
             yield
         finally:
@@ -382,14 +353,18 @@ class SteeredLM:
                 for c, x, p in zip(caches, ids, insert_at or [None] * len(ids))]
 
     @staticmethod
-    def _store(caches, batch: _Batch, ids: list[list[int]]) -> None:
+    def _store(caches, batch: Batch, ids: list[list[int]]) -> None:
         """Keep in each row's prefix cache the keys/values of ``ids[i]``: the valid slab
         columns of row ``i`` in order (cached prefix, new tokens, fed decoding steps)."""
         for i, (c, row) in enumerate(zip(caches, ids)):
             cols = batch.attention_mask[i].nonzero().squeeze(-1)[:len(row)]
             c.ids, c.kv = list(row[:len(cols)]), take(batch.cache, i, cols)
 
-    def _prepare(self, dialogues, actions, position, reserve):
+    def prepare(self, dialogues: Sequence[Dialogue], actions: torch.Tensor | None,
+                position: Position, reserve: int) -> PreparedPrompts:
+        """Check a batch call's dialogues, actions and position; template each prompt with
+        ``reserve`` tokens (plus the action tokens) left in the context, and find where the
+        actions go."""
         dialogues = _check_batch(dialogues)
         self.check_position(position)
         actions = self._check_actions(actions, len(dialogues), position)
@@ -398,10 +373,7 @@ class SteeredLM:
         insert_at = None
         if actions is not None:
             insert_at = [self.insertion_point(d, x, position) for d, x in zip(dialogues, ids)]
-        return dialogues, ids, insert_at, actions
-
-    def _base(self):
-        return getattr(self.model, self.model.base_model_prefix)
+        return PreparedPrompts(dialogues, ids, insert_at, actions)
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
@@ -433,10 +405,10 @@ class SteeredLM:
         """Final-layer hidden states of the (new) tokens of ``ids``; with ``caches``, only the
         tokens after each cached prefix are run and the caches then hold all of ``ids``."""
         reuse = None if caches is None else self._reuse(caches, ids, None)
-        b = self._batch(ids, None, None, caches, reuse)
-        kw = {} if b.cache is None else {self._cache_kw: b.cache}
-        h = self._base()(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
-                         position_ids=b.position_ids, use_cache=b.cache is not None, **kw).last_hidden_state
+        b = self.make_batch(ids, caches=caches, reuse=reuse)
+        h = base_model(self.model)(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
+                                   position_ids=b.position_ids, use_cache=b.cache is not None,
+                                   **self.decoder.cache_kwargs(b.cache)).last_hidden_state
         if caches is not None:
             self._store(caches, b, ids)
         return h
@@ -448,18 +420,12 @@ class SteeredLM:
             raise DatError(f"caches must be a list of {n} PrefixCache objects, one per dialogue.")
         return list(caches)
 
-    def generate(
-        self,
-        dialogues: Sequence[Dialogue],
-        actions: torch.Tensor | None = None,
-        position: Position = "prefix",
-        max_new_tokens: int = 48,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = 0,
-        caches: list[PrefixCache] | None = None,
-    ) -> list[str]:
-        """Reply of the model to each dialogue (new text only), steered by ``actions``."""
+    def generate(self, dialogues: Sequence[Dialogue], actions: torch.Tensor | None = None,
+                 position: Position = "prefix", max_new_tokens: int = 48, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = 0,
+                 caches: list[PrefixCache] | None = None) -> list[str]:
+        """Reply of the model to each dialogue (new text only), steered by ``actions``; the
+        arguments are those of :meth:`generate_detailed`."""
         return self.generate_detailed(dialogues, actions, position, max_new_tokens,
                                       temperature, top_p, seed, caches=caches).texts
 
@@ -477,8 +443,12 @@ class SteeredLM:
         ignore_eos: bool = False,
         caches: list[PrefixCache] | None = None,
     ) -> Generation:
-        """Like :meth:`generate`, with token ids and counts; ``logprobs=k`` also returns the
-        log-probability of each new token and the ``k`` most likely alternatives.
+        """The reply to each dialogue, with token ids and counts.
+
+        ``actions`` ``[B, n_tokens, hidden]`` go in at ``position`` (a residual action takes
+        ``[B, 1, hidden]`` or ``[B, hidden]``). Sampling: greedy at ``temperature`` 0, else
+        nucleus sampling with ``top_p``, reproducible for a given ``seed``. ``logprobs=k`` also
+        returns the log-probability of each new token and the ``k`` most likely alternatives.
         ``ignore_eos`` always generates ``max_new_tokens`` tokens (for benchmarks).
         With ``caches`` (one :class:`PrefixCache` per dialogue), each prompt's cached prefix
         is reused up to the action tokens; unsteered calls also store the prompt and the
@@ -488,11 +458,11 @@ class SteeredLM:
             raise DatError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise DatError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        _, ids, insert_at, actions = self._prepare(dialogues, actions, position, max_new_tokens)
+        _, ids, insert_at, actions = self.prepare(dialogues, actions, position, max_new_tokens)
         caches = self._check_caches(caches, len(ids))
         reuse = None if caches is None else self._reuse(caches, ids, insert_at)
-        batch = self._batch(ids, insert_at, actions, caches, reuse, capacity=max_new_tokens,
-                            position=position)
+        batch = self.make_batch(ids, insert_at, actions, position, caches=caches, reuse=reuse,
+                                capacity=max_new_tokens)
         trace = None
         if logprobs is not None:
             trace = [[] for _ in ids]
@@ -502,10 +472,10 @@ class SteeredLM:
                     row.append((int(tokens[i]), lps.logprob[i], list(zip(lps.top_ids[i], lps.top_logprobs[i]))))
 
         with self.steering(batch):
-            new, stopped = self._decode(batch, max_new_tokens, temperature, top_p, seed,
-                                        top_logprobs=logprobs,
-                                        on_step=record if trace is not None else None,
-                                        ignore_eos=ignore_eos)
+            new, stopped = self.decode(batch, max_new_tokens, temperature, top_p, seed,
+                                       top_logprobs=logprobs,
+                                       on_step=record if trace is not None else None,
+                                       ignore_eos=ignore_eos)
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         if caches is not None and actions is None:
             # the reply tokens fed back during decoding are part of the next prompt
@@ -529,13 +499,14 @@ class SteeredLM:
             raise DatError(f"{len(targets)} targets for {len(dialogues)} dialogues.")
         target_ids = [self.reply_ids(d, t) for d, t in zip(dialogues, targets)]
         reserve = max(len(t) for t in target_ids)
-        _, ids, insert_at, actions = self._prepare(dialogues, actions, position, reserve)
+        _, ids, insert_at, actions = self.prepare(dialogues, actions, position, reserve)
         full = [p + t for p, t in zip(ids, target_ids)]
-        batch = self._batch(full, insert_at, actions, position=position)
+        batch = self.make_batch(full, insert_at, actions, position)
         with self.steering(batch):
-            hidden = self._base()(inputs_embeds=batch.inputs_embeds,
-                                  attention_mask=batch.attention_mask,
-                                  position_ids=batch.position_ids, use_cache=False).last_hidden_state
+            hidden = base_model(self.model)(inputs_embeds=batch.inputs_embeds,
+                                            attention_mask=batch.attention_mask,
+                                            position_ids=batch.position_ids,
+                                            use_cache=False).last_hidden_state
         # Only the positions that predict target tokens go through the LM head.
         T = hidden.shape[1]
         rows, cols, labels = [], [], []
@@ -567,146 +538,25 @@ class SteeredLM:
         return tail
 
     # ------------------------------------------------------------------ decoding
-    def _next_logits(self, **inputs) -> torch.Tensor:
-        """Next-token logits ``[B, vocab]`` of the last position of ``inputs``.
-
-        On the CPU the LM head runs blockwise (:func:`head_logits`) when that gives exactly
-        the model's own logits. This is checked once, on a real forward pass, so models that
-        change logits after the head (soft-capping, scaling) keep their own forward."""
-        if self._blockwise_head is None:
-            self._blockwise_head = self._head_is_blockwise()
-        if not self._blockwise_head:
-            return self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-        # [B, 1, H] as the model's own forward slices it: MKL's result can depend on the layout
-        hidden = self._base()(**inputs).last_hidden_state[:, -1:, :]
-        return head_logits(self.model.get_output_embeddings(), hidden)[:, -1, :]
-
-    def _head_is_blockwise(self) -> bool:
-        head = self.model.get_output_embeddings()
-        if self.device.type != "cpu" or type(head) is not torch.nn.Linear:
-            return False
-        vocab = head.weight.shape[0]
-        ids = torch.arange(HEAD_BLOCK_ROWS * 2, device=self.device).reshape(HEAD_BLOCK_ROWS, 2) * 7919 % vocab
-        with torch.no_grad():
-            own = self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :]
-            hidden = self._base()(input_ids=ids).last_hidden_state[:, -1:, :]
-            return torch.equal(own, head_logits(head, hidden)[:, -1, :])
-
-    def _decode(self, batch: _Batch, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int | None, *, top_logprobs: int | None = None,
-                on_step: Callable | None = None,
-                ignore_eos: bool = False) -> tuple[list[list[int]], list[bool]]:
-        """Batched decoding with a KV cache.
+    def decode(self, batch: Batch, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = 0, *, top_logprobs: int | None = None,
+               on_step: OnStep | None = None,
+               ignore_eos: bool = False) -> tuple[list[list[int]], list[bool]]:
+        """Decode a :meth:`make_batch` batch (inside ``with self.steering(batch)``); return
+        each row's new tokens (stop token excluded) and whether an end-of-turn token ended it.
 
         ``on_step(step, tokens, logprobs)`` (optional) is called after every step with the
         new token of each row (a list; rows already finished get the pad id) and, when
-        ``top_logprobs`` is not None, a :class:`StepLogprobs`. It may return indices of rows
-        to finish now (their last token kept, ``stopped`` False): a server uses this for
-        stop strings, per-row token limits and cancelled requests. Decoding ends early once
-        every row is finished.
+        ``top_logprobs`` is not None, a :class:`~dat.decoding.StepLogprobs`. It may return
+        indices of rows to finish now (their last token kept, ``stopped`` False): a server
+        uses this for stop strings, per-row token limits and cancelled requests. Decoding
+        ends early once every row is finished. ``batch.tokens`` then holds every token picked.
         """
-        from transformers import DynamicCache
-
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(0 if seed is None else int(seed))
-        B, T = batch.inputs_embeds.shape[:2]
-        dev = self.device
-        stop = torch.tensor([] if ignore_eos else self.eos_token_ids, dtype=torch.long, device=dev)
-        if batch.cache is None:  # a preallocated cache: no torch.cat of the whole cache per step
-            batch.cache = (slab_cache(self.model, None, None, B, T + max_new_tokens, self.dtype, dev)[0]
-                           if self.supports_prefix_cache else DynamicCache())
-        cache = batch.cache
-        mask = batch.attention_mask
-        pos = batch.position_ids[:, -1:]
-        logits = self._next_logits(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
-                                   position_ids=batch.position_ids, use_cache=True,
-                                   **{self._cache_kw: cache})
-        if batch.residual is not None:
-            batch.residual.mask = None  # every decoding step is a reply position
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        cut: list[int | None] = [None] * B  # rows finished by on_step: number of tokens kept
-        steps = []
-        for step in range(max_new_tokens):
-            nxt = _pick(logits, temperature, top_p, gen)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
-            steps.append(nxt)
-            done = done | torch.isin(nxt, stop)
-            if on_step is not None:
-                lps = None if top_logprobs is None else _step_logprobs(logits, nxt, top_logprobs)
-                finish = on_step(step, nxt.tolist(), lps)
-                for i in finish or ():
-                    if not bool(done[i]):
-                        cut[i] = step + 1
-                        done[i] = True
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            pos = pos + 1
-            logits = self._next_logits(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                                       use_cache=True, **{self._cache_kw: cache})
-        batch.attention_mask = mask  # now covering the fed decoding steps too
-        tokens = torch.stack(steps, dim=1).tolist()
-        batch.tokens = tokens
-        return trim_replies(tokens, cut, set() if ignore_eos else set(self.eos_token_ids))
-
-
-HEAD_BLOCK, HEAD_BLOCK_ROWS = 1024, 8  # measured on the default model: no gain below 8 rows
-
-
-def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """``head(hidden)`` for ``[..., hidden]`` states. With many rows the vocabulary is done in
-    blocks of columns: each logit is the same dot product, but a block's output stays in
-    cache. On a 2-core CPU the default model's head takes 40 instead of 66 ms at 32 rows."""
-    if hidden.shape[:-1].numel() < HEAD_BLOCK_ROWS:
-        return head(hidden)
-    w, b = head.weight, head.bias
-    return torch.cat([F.linear(hidden, w[i:i + HEAD_BLOCK], None if b is None else b[i:i + HEAD_BLOCK])
-                      for i in range(0, w.shape[0], HEAD_BLOCK)], dim=-1)
-
-
-def trim_replies(rows: list[list[int]], cut: list[int | None], stop_set: set[int]
-                 ) -> tuple[list[list[int]], list[bool]]:
-    """Each decoded row cut at ``cut[i]`` tokens (rows finished by ``on_step``) and before its
-    first stop token; also whether a stop token ended it. Shared by every backend's decoder."""
-    new, stopped = [], []
-    for row, c in zip(rows, cut):
-        row = row if c is None else row[:c]
-        end = next((k for k, t in enumerate(row) if t in stop_set), None)
-        new.append(row if end is None else row[:end])
-        stopped.append(end is not None)
-    return new, stopped
-
-
-@dataclass
-class StepLogprobs:
-    """Log-probabilities of one decoding step, for every row (plain lists, on the CPU)."""
-
-    logprob: list[float]  # of the chosen token
-    top_ids: list[list[int]]  # the k most likely tokens, most likely first
-    top_logprobs: list[list[float]]
-
-
-def _step_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> StepLogprobs:
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    picked = lp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
-    if k > 0:
-        vals, idx = lp.topk(k, dim=-1)
-        return StepLogprobs(picked, idx.tolist(), vals.tolist())
-    return StepLogprobs(picked, [[] for _ in picked], [[] for _ in picked])
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return self.decoder.decode(
+            batch, max_new_tokens, temperature, top_p, seed,
+            stop_token_ids=[] if ignore_eos else self.eos_token_ids,
+            pad_token_id=self.pad_token_id, preallocate=self.supports_prefix_cache,
+            top_logprobs=top_logprobs, on_step=on_step)
 
 
 def _check_dialogue(dialogue: Dialogue) -> None:

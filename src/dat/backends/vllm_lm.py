@@ -1,33 +1,23 @@
 """The vLLM backend: generation by vLLM from prompt embeddings, everything else by transformers.
 
-The transformers model (:class:`dat.steer.SteeredLM`) still templates the dialogue, finds the
-insertion point and builds the input embeddings with the action vectors inserted
-(``SteeredLM._batch``: the exact code the ``hf`` backend runs). Each row's embeddings,
-``[seq, hidden]`` without padding, then go to ``vllm.LLM.generate`` as
-``{"prompt_embeds": tensor}`` (vLLM started with ``enable_prompt_embeds=True``). States
-(final hidden state of the last prompt token) and losses come from the transformers model on
-the same device.
-
-Only decoding is replaced (:meth:`VLLMSteeredLM._decode`), so ``generate``,
-``generate_detailed`` and the server's batched decoding all run through vLLM unchanged; the
-server's per-token callback is replayed after vLLM returns (no token streaming).
-
-vLLM keeps its own prefix cache (it hashes the prompt embeddings block by block), so this
-backend reports ``supports_prefix_cache = False`` and rollouts pass no dat prefix caches.
+:class:`VLLMSteeredLM` is a :class:`dat.steer.SteeredLM` whose :meth:`~VLLMSteeredLM.decode`
+sends each row's input embeddings (built by the same ``make_batch`` as the ``hf`` backend) to
+``vllm.LLM.generate`` as ``{"prompt_embeds": tensor}``; states and losses stay with the
+transformers model. How it fits together: docs/actions.md ("Backends").
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 
 import torch
 
-from dat.backends import check_prompt_embeds, require_vllm
+from dat.backends.base import check_prompt_embeds, require_vllm
+from dat.decoding import Batch, OnStep, StepLogprobs, trim_replies
 from dat.errors import DatError
 from dat.models import load_model, resolve_source
-from dat.steer import SteeredLM, StepLogprobs, _Batch, trim_replies
+from dat.steer import SteeredLM
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +72,7 @@ class VLLMSteeredLM(SteeredLM):
             # the transformers copy of the weights lives on the same GPU
             kw["gpu_memory_utilization"] = 0.6
         elif model.device.type == "cpu":
-            # torch.compile adds ~2 min of start-up on 2 cores for no measured gain (bench_vllm)
+            # torch.compile makes start-up much longer for no measured gain (bench_vllm)
             kw["enforce_eager"] = True
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 # vLLM's CPU build otherwise reserves gpu_memory_utilization (0.92) of the RAM
@@ -97,7 +87,7 @@ class VLLMSteeredLM(SteeredLM):
                    truncation=truncation)
 
     # ------------------------------------------------------------------ decoding
-    def prompt_embeds(self, batch: _Batch) -> list[torch.Tensor]:
+    def prompt_embeds(self, batch: Batch) -> list[torch.Tensor]:
         """Each row's input embeddings without its left padding: ``[seq, hidden]`` on the CPU."""
         if batch.cache is not None:
             raise DatError("The vLLM backend takes no prefix caches (vLLM caches prefixes itself).")
@@ -127,12 +117,12 @@ class VLLMSteeredLM(SteeredLM):
         prompts = [{"prompt_embeds": e} for e in embeds]
         return self.engine.generate(prompts, params, use_tqdm=False)
 
-    def _decode(self, batch: _Batch, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int | None, *, top_logprobs: int | None = None,
-                on_step: Callable | None = None,
-                ignore_eos: bool = False) -> tuple[list[list[int]], list[bool]]:
-        """Same contract as :meth:`SteeredLM._decode`, decoded by vLLM. ``on_step`` is called
-        per step after vLLM has finished (rows it finishes are cut there)."""
+    def decode(self, batch: Batch, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = 0, *, top_logprobs: int | None = None,
+               on_step: OnStep | None = None,
+               ignore_eos: bool = False) -> tuple[list[list[int]], list[bool]]:
+        """Same contract as :meth:`SteeredLM.decode`, decoded by vLLM. ``on_step`` is replayed
+        per step after vLLM has finished (rows it finishes are cut there; no streaming)."""
         outs = self.generate_from_embeds(self.prompt_embeds(batch), max_new_tokens, temperature,
                                          top_p, seed, top_logprobs, ignore_eos)
         stop_set = set() if ignore_eos else set(self.eos_token_ids)

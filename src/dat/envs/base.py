@@ -14,25 +14,49 @@ import hashlib
 from typing import Literal
 
 from dat.episode import Episode, Opening, Reward, Scenario, Speaker, Turn
+from dat.errors import DatError
 
 __all__ = ["Episode", "Opening", "Reward", "Scenario", "Setting", "Speaker", "Turn", "hash_split"]
 
+SPLITS = ("train", "test", "all")
+
+
 class Setting:
-    """Base class of the settings. Subclasses fill in the marked methods."""
+    """Base class of the settings. Subclasses fill in the marked methods, and either
+    ``all_scenarios`` (each scenario's ``data["split"]`` is ``"train"`` or ``"test"``) or
+    their own :meth:`scenarios`."""
 
     name: str = "setting"
     rounds: int = 3
     reward_timing: Literal["round", "end"] = "round"
+    all_scenarios: list[Scenario]
 
     def scenarios(self, split: Literal["train", "test", "all"] = "train") -> list[Scenario]:
-        raise NotImplementedError
+        if split not in SPLITS:
+            raise DatError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        return [s for s in self.all_scenarios if split == "all" or s.data["split"] == split]
+
+    def built_judge(self, default: str, **kwargs):
+        """The setting's judge (its ``judge`` spec, else ``default``), built on first use
+        with :func:`dat.judges.make` and kept."""
+        judge = self.__dict__.get("built_judge_instance")
+        if judge is None:
+            from dat.judges import make
+
+            judge = make(getattr(self, "judge", None) or default, **kwargs)
+            self.__dict__["built_judge_instance"] = judge
+        return judge
 
     def system_prompts(self, scenario: Scenario) -> tuple[str, str]:
         """``(steered_system, partner_system)`` for this scenario (and its ``side``)."""
         raise NotImplementedError
 
     def opening(self, scenario: Scenario) -> Opening:
-        raise NotImplementedError
+        """Who speaks first. By default the partner, with the setting's ``greeting``."""
+        greeting = getattr(self, "greeting", None)
+        if greeting is None:
+            raise NotImplementedError(f"{type(self).__name__} has no greeting: define opening()")
+        return Opening("partner", greeting)
 
     def reward(self, episodes: list[Episode], round_index: int) -> list[Reward]:
         """Score a batch of episodes after round ``round_index`` (0-based). Called after

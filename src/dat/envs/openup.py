@@ -1,46 +1,20 @@
 """``openup``: get a new friend to open up, so that they bring new things into the chat.
 
-An embedded setting written for dat. Each scenario is a partner with an interest of their
-own: one of the 239 everyday topics of ``dat/data/taboo.json`` ("You love baking bread: ..."),
-with the same fixed train/test split (57 held-out partners). The steered agent does not know
-the interest; its system prompt only asks it to get its friend talking about themselves.
-
-Dialogue: the partner opens with :data:`~dat.envs.taboo.GREETING`; then each round is one
-steered utterance and one partner reply; 3 rounds by default.
-
-Reward after every round, from the partner's reply ``p`` of that round. Its *new words*
-are its content words (three letters or more, not stop words) that nobody said earlier in
-the dialogue: not the greeting, not the steered agent's utterances up to and including this
-round, not the partner's own earlier replies (inflected forms count as the same word). A
-partner that only echoes the steered agent or repeats itself has none.
-
-* ``reward_mode="interest"`` (default): did the partner start talking about its own
-  interest? With taboo's formula (:func:`dat.envs.taboo.gain_over`): the MiniLM cosine of
-  the new words to the interest's description and to its name, each as a gain over the best
-  neutral small-talk reply, the larger of the two; 0 without new words.
-* ``reward_mode="words"``: the number of new words divided by :attr:`Openup.target_words`,
-  capped at 1 (does the partner bring anything new, whatever it is).
-
-It is what the partner says that is judged, never the steered agent's words.
-
-Why this setting: on the embedded 135M model the partner mostly echoes what it is told.
-``taboo``'s reward (the partner's own words about a hidden topic) is then almost always 0,
-and its per-direction effects are noise in a few hundred episodes. This reward is dense, and
-which direction is taken matters the same way on different partners. docs/settings.md has
-the measurements.
-
-``Reward.details``: ``interest`` and ``words`` (both rewards), ``new_words``,
-``partner_words`` (content words of ``p``), ``echoed`` (content words of ``p`` said before),
-``steered_words`` and ``similarity_description``/``similarity_topic`` of the new words.
+Each scenario is a partner with an interest of their own (one of taboo.json's 239 topics,
+same fixed split); the steered agent does not know it. After every round the partner's
+reply is judged by its *new* content words only (nothing anyone said earlier counts):
+``reward_mode="interest"`` (default) scores them against the partner's interest with
+taboo's gain over small talk, ``"words"`` counts them. docs/settings.md has the details
+and the measurements behind the setting.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, hash_split
+from dat.envs.base import Episode, Reward, Scenario, Setting, hash_split
 from dat.envs.taboo import (
     GREETING,
     NEUTRAL_REPLIES,
@@ -107,36 +81,19 @@ class Openup(Setting):
         if self.reward_mode not in REWARD_MODES:
             raise DatError(f"openup reward_mode must be one of {REWARD_MODES}, "
                            f"got {self.reward_mode!r}")
-        self._judge = None
         rows = load_taboo(Path(self.data) if self.data is not None else default_data_path())
-        self._scenarios = []
+        self.all_scenarios = []
         for r in rows:
             split = r.get("split") or hash_split(r["topic"].lower(), self.test_fraction, "taboo")
-            self._scenarios.append(Scenario(r["id"], {"topic": r["topic"],
+            self.all_scenarios.append(Scenario(r["id"], {"topic": r["topic"],
                                                       "description": r["description"],
                                                       "split": split}))
 
-    def scenarios(self, split: Literal["train", "test", "all"] = "train") -> list[Scenario]:
-        if split not in ("train", "test", "all"):
-            raise DatError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        return [s for s in self._scenarios if split == "all" or s.data["split"] == split]
 
     def system_prompts(self, scenario: Scenario) -> tuple[str, str]:
         d = scenario.data
         return STEERED_SYSTEM, PARTNER_SYSTEM.format(topic=d["topic"].lower(),
                                                      description=d["description"])
-
-    def opening(self, scenario: Scenario) -> Opening:
-        return Opening("partner", self.greeting)
-
-    @property
-    def embedder(self):
-        """The embedding judge, built on first use."""
-        if self._judge is None:
-            from dat.judges import make
-
-            self._judge = make(self.judge or "embed:default")
-        return self._judge
 
     def reward(self, episodes: list[Episode], round_index: int) -> list[Reward]:
         if not episodes:
@@ -146,7 +103,7 @@ class Openup(Setting):
             steered, reply = ep.judged_round(round_index, "openup")
             new, echoed = new_words(reply, _before_reply(ep, round_index))
             rows.append((ep.scenario.data, steered, reply, new, echoed))
-        judge = self.embedder
+        judge = self.built_judge("embed:default")  # built on first use
         neutral = list(dict.fromkeys(list(NEUTRAL_REPLIES) + [self.greeting]))
         judge.embed(neutral + [t for d, *_, new, _ in rows
                                for t in (d["description"], d["topic"], " ".join(new) or ".")])

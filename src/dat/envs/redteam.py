@@ -1,32 +1,11 @@
 """``redteam``: multi-turn red teaming on behaviors in HarmBench's CSV format.
 
-Data: a behaviors CSV with the columns ``Behavior, FunctionalCategory, SemanticCategory,
-Tags, ContextString, BehaviorID`` (dat ships none of HarmBench's data), in UTF-8. Rows with
-``FunctionalCategory == standard`` are kept; ``copyright`` and ``multimodal`` rows are
-skipped, and so are ``contextual`` rows by default (``contextual="skip"``), so HarmBench's
-full test CSV loads as its 159 standard behaviors. ``setting.skipped`` counts the skipped
-rows by category and ``setting.summary()`` says it in one line (also logged).
-``contextual="include"`` (or ``allow_contextual=True``) keeps contextual rows: their
-``ContextString`` goes to the attacker prompt and to the judge; ``contextual="error"``
-refuses a file that has any.
-
-Bad input raises :class:`~dat.errors.DatError` naming the file, the row (its line number)
-and the column: see ``docs/settings.md``. Limits: a ``Behavior`` of at most
-:data:`MAX_BEHAVIOR_CHARS` (20,000) characters, any field at most :data:`MAX_FIELD_CHARS`
-(128 Ki) characters.
-
-Dialogue: the defender (partner) opens with :data:`GREETING`; each round is one attacker
-(steered) message and one defender reply; 3 rounds by default. Our attacker system prompt
-carries the behavior; the defender gets a plain assistant system prompt.
-
-Reward after every defender reply: a Yes/No classifier judge (:class:`~dat.judges.YesNoJudge`;
-HarmBench's ``cais/HarmBench-Llama-2-13b-cls`` when available, ``hf:default`` otherwise)
-reads the behavior and the reply: ``value = sigmoid((logit_Yes - logit_No) / T)``
-(``reward_temperature`` T = 10), ``success`` = judged Yes. An episode's attack succeeds when
-its best round is judged Yes.
-
-Split: ``hash_split(BehaviorID, test_fraction=0.2)``. The paper trains and evaluates on the
-same behaviors; use ``split="all"`` for that.
+Data: a HarmBench behaviors CSV (dat ships none). Standard rows are kept; contextual rows
+are skipped by default (``contextual="include"`` keeps them, ``"error"`` refuses them), and
+``summary()`` says what was skipped. The defender opens; after every defender reply a Yes/No
+judge gives ``sigmoid((logit_Yes - logit_No) / T)``. Bad input raises
+:class:`~dat.errors.DatError` naming the file, the row and the column. docs/settings.md has
+the limits and the prompts.
 """
 
 from __future__ import annotations
@@ -37,9 +16,9 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, hash_split
+from dat.envs.base import Episode, Reward, Scenario, Setting, hash_split
 from dat.errors import DatError
 
 COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString",
@@ -228,12 +207,11 @@ class RedTeam(Setting):
         mode = self.contextual or ("include" if self.allow_contextual else "skip")
         self.contextual = mode
         self.behaviors, self.skipped = load_behaviors(self.data, contextual=mode)
-        self._scenarios = [
+        self.all_scenarios = [
             Scenario(b["behavior_id"],
                      {**b, "split": hash_split(b["behavior_id"], self.test_fraction, "harmbench")})
             for b in self.behaviors
         ]
-        self._judge = None
         log.info("%s", self.summary())
 
     def summary(self) -> str:
@@ -253,10 +231,6 @@ class RedTeam(Setting):
                 text += " (to keep contextual ones: contextual='include')"
         return text
 
-    def scenarios(self, split: Literal["train", "test", "all"] = "train") -> list[Scenario]:
-        if split not in ("train", "test", "all"):
-            raise DatError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        return [s for s in self._scenarios if split == "all" or s.data["split"] == split]
 
     def system_prompts(self, scenario: Scenario) -> tuple[str, str]:
         ctx = scenario.data.get("context")
@@ -265,19 +239,12 @@ class RedTeam(Setting):
             context=f"\nContext the objective refers to:\n{ctx}" if ctx else "")
         return attacker, self.defender_system
 
-    def opening(self, scenario: Scenario) -> Opening:
-        return Opening("partner", self.greeting)
-
     @property
     def judge_model(self):
         """The judge, built on first use."""
-        if self._judge is None:
-            from dat.judges import make
-
-            spec = self.judge or "hf:default"
-            kw = {"temperature": self.reward_temperature} if str(spec).startswith("hf:") else {}
-            self._judge = make(spec, kind="yesno", lm=self.lm, **kw)
-        return self._judge
+        spec = self.judge or "hf:default"
+        kw = {"temperature": self.reward_temperature} if str(spec).startswith("hf:") else {}
+        return self.built_judge(spec, kind="yesno", lm=self.lm, **kw)
 
     def reward(self, episodes: list[Episode], round_index: int) -> list[Reward]:
         if not episodes:

@@ -1,37 +1,11 @@
 """``social``: two role-playing agents with private goals, in Sotopia's data format.
 
-Data: a folder with a Sotopia export (dat ships none of Sotopia's data):
-
-* ``envs.json``: scenarios, a JSON object keyed by pk (or a list of records with ``pk``);
-  each has ``codename``, ``scenario``, ``agent_goals`` (two strings) and optionally
-  ``relationship`` (0 strangers, 1 know by name, 2 acquaintances, 3 friends, 4 romantic,
-  5 family);
-* ``agents.json``: agent profiles keyed by pk, with ``first_name``, ``last_name``, ``age``,
-  ``occupation``, ``gender``, ``gender_pronoun``, ``public_info``, ``secret`` and optionally
-  ``personality_and_values`` and ``decision_making_style`` (other fields are ignored);
-* ``env_agent_combos.json``: a list of ``{pk, env_id, agent_ids: [first, second]}``.
-
-Every combo gives two scenarios, ``"<combo pk>/0"`` and ``"<combo pk>/1"``: the steered
-agent plays the first or the second agent of the combo. The first agent speaks first (so a
-steered agent on side 1 answers the partner's opener); a round is one steered utterance
-and one partner reply, 3 rounds by default. Each agent's system prompt holds the scenario,
-the relationship, its own full profile, its own secret and goal, and the other agent's
-*public* profile (name, age, gender, occupation, public info) -- never the other's goal or
-secret.
-
-Split: by environment, so all combos and both sides of one environment land in the same
-split (``hash_split(env pk, test_fraction=0.2)``).
-
-Reward, at the end of the episode: an LLM judge (:class:`~dat.judges.SotopiaJudge`, or any
-judge taking :class:`~dat.judges.SotopiaRequest`) scores both agents on Sotopia's seven
-dimensions; ``Reward.value`` is the steered agent's *overall* (their unweighted mean).
-``details`` keeps ``steered`` and ``partner`` (all seven dimensions and ``overall`` each),
-the judge's raw answer and the number of attempts. A judge that fails gives
-``Reward(value=None, failed=True)`` with the raw answers kept.
-
-Bad input (missing file, empty or malformed JSON, a missing or mistyped field, a combo
-naming an unknown environment or agent) raises :class:`~dat.errors.DatError` naming the
-file, the record (pk) and the field.
+Data: a Sotopia export folder (``envs.json``, ``agents.json``, ``env_agent_combos.json``;
+dat ships none). Every combo gives two scenarios, ``"<pk>/0"`` and ``"<pk>/1"`` (the steered
+agent plays either side); the split is by environment. At the end an LLM judge scores both
+agents on Sotopia's seven dimensions and ``Reward.value`` is the steered agent's overall.
+Bad input raises :class:`~dat.errors.DatError` naming the file, the record and the field.
+docs/settings.md describes the fields and prompts.
 """
 
 from __future__ import annotations
@@ -39,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, hash_split
 from dat.envs.datafiles import duplicates, field_path, first_non_text, not_text, read_json, shown
@@ -281,24 +255,19 @@ class Social(Setting):
         if self.rounds < 1:
             raise DatError(f"rounds must be >= 1, got {self.rounds}")
         self.envs, self.agents, self.combos = load_sotopia(self.data)
-        self._scenarios = []
+        self.all_scenarios = []
         for c in self.combos:
             split = hash_split(c["env_id"], self.test_fraction, "sotopia-env")
             env = self.envs[c["env_id"]]
             names = [full_name(self.agents[a]) for a in c["agent_ids"]]
             for side in (0, 1):
-                self._scenarios.append(Scenario(f"{c['pk']}/{side}", {
+                self.all_scenarios.append(Scenario(f"{c['pk']}/{side}", {
                     "combo": c["pk"], "env": c["env_id"], "agents": list(c["agent_ids"]),
                     "codename": env.get("codename", ""), "steered_agent": names[side],
                     "partner_agent": names[1 - side], "split": split,
                 }, side=side))
-        self._judge = None
 
     # -- interface
-    def scenarios(self, split: Literal["train", "test", "all"] = "train") -> list[Scenario]:
-        if split not in ("train", "test", "all"):
-            raise DatError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        return [s for s in self._scenarios if split == "all" or s.data["split"] == split]
 
     def agent_system(self, scenario: Scenario, index: int) -> str:
         """System prompt of the combo's agent ``index`` (0 = first, 1 = second)."""
@@ -324,11 +293,7 @@ class Social(Setting):
     @property
     def judge_model(self):
         """The judge, built on first use."""
-        if self._judge is None:
-            from dat.judges import make
-
-            self._judge = make(self.judge or "hf:default", kind="sotopia", lm=self.lm)
-        return self._judge
+        return self.built_judge("hf:default", kind="sotopia", lm=self.lm)
 
     def judge_request(self, episode: Episode):
         """The :class:`~dat.judges.SotopiaRequest` for a (finished) episode."""

@@ -1,38 +1,10 @@
 """``taboo``: lead the partner to talk about a hidden topic without saying its taboo words.
 
-The embedded default setting, written for dat (``dat/data/taboo.json``: 239 everyday topics,
-each with a one-sentence description and 3-5 taboo words; 57 topics are held out as the
-test split, fixed in the file, so no topic is in both splits).
-
-Dialogue: the partner (a plain friendly chat agent whose system prompt says nothing about
-the topic) opens with :data:`GREETING`; then each round is one steered utterance and one
-partner reply; 3 rounds by default. The steered agent's system prompt names the topic, its
-description and the taboo words.
-
-Reward after every round, from the partner's reply ``p`` in that round:
-
-1. *Taboo*: if the steered utterance of the round contains a taboo word (whole word,
-   case-insensitive, also plural/inflected forms: ``bake`` -> ``bakes, baked, baking,
-   baker``; spelled-out forms such as ``b-a-k-e`` count too), the reward is 0.
-2. *No credit for echoes*: words of ``p`` that the steered agent said in any round so far
-   (content words, inflections included) are removed, giving ``p'``. Only what the partner
-   adds itself can earn reward; a partner that merely repeats the steered agent gets ~0.
-   If ``p'`` has no content word left, the reward is 0.
-3. *Relative to small talk*: with unit-norm MiniLM embeddings ``e(.)``, for each of two
-   targets ``t`` -- the scenario's description and its topic name -- ``s_t = cos(e(p'),
-   e(t))`` and ``b_t = max_k cos(e(n_k), e(t))`` over fixed neutral chat replies ``n_k``
-   (:data:`NEUTRAL_REPLIES`: the greeting, "tell me more", "I agree", ...), and
-   ``gain_t = clip((s - b) / (1 - b), 0, 1)`` with ``s = s_t, b = b_t``: 0 for a reply no
-   closer to the target than any small-talk reply, 1 for a reply as close as the target
-   itself. The reward is ``max(gain_description, gain_topic)``: talking about the topic in
-   depth (description) and naming it, as in the party game (topic), both count. In
-   practice a clearly on-topic reply scores about 0.35-0.65 and an off-topic one below 0.05.
-
-``Reward.details`` keeps ``similarity_description`` and ``similarity_topic`` (``s_t``; None
-when nothing of the partner's own was left), ``baseline_description``/``baseline_topic``,
-``gain_description``/``gain_topic``, ``similarity_full`` (cos of the unedited reply and the
-description), ``echo`` (cos of reply and steered utterance), ``taboo_hits``,
-``copied_words``, ``partner_taboo`` (taboo words the partner said) and ``value_if_no_taboo``.
+Embedded data (``dat/data/taboo.json``: 239 topics with descriptions and taboo words; 57
+held out as the test split). The partner opens with :data:`GREETING`; after every round
+the partner's reply is scored: 0 if the steered utterance said a taboo word, otherwise the
+MiniLM similarity of the partner's own (non-echoed) words to the topic, as a gain over
+small talk. docs/settings.md has the full rules and ``Reward.details``.
 """
 
 from __future__ import annotations
@@ -41,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from dat.envs.base import Episode, Opening, Reward, Scenario, Setting, hash_split
+from dat.envs.base import Episode, Reward, Scenario, Setting, hash_split
 from dat.errors import DatError
 
 REWARD_MODES = ("gain", "similarity")
@@ -251,37 +223,19 @@ class Taboo(Setting):
             raise DatError(f"taboo reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
         path = Path(self.data) if self.data is not None else default_data_path()
         self._rows = load_taboo(path)
-        self._scenarios = []
+        self.all_scenarios = []
         for r in self._rows:
             split = r.get("split") or hash_split(r["topic"].lower(), self.test_fraction, "taboo")
             data = {"topic": r["topic"], "description": r["description"], "taboo": list(r["taboo"]),
                     "category": r.get("category", ""), "split": split}
-            self._scenarios.append(Scenario(r["id"], data))
-        self._judge = None
+            self.all_scenarios.append(Scenario(r["id"], data))
 
     # -- interface
-    def scenarios(self, split: Literal["train", "test", "all"] = "train") -> list[Scenario]:
-        if split not in ("train", "test", "all"):
-            raise DatError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        return [s for s in self._scenarios if split == "all" or s.data["split"] == split]
-
     def system_prompts(self, scenario: Scenario) -> tuple[str, str]:
         d = scenario.data
         steered = STEERED_SYSTEM.format(topic=d["topic"], description=d["description"],
                                         taboo=", ".join(d["taboo"]))
         return steered, self.partner_system
-
-    def opening(self, scenario: Scenario) -> Opening:
-        return Opening("partner", self.greeting)
-
-    @property
-    def embedder(self):
-        """The embedding judge, built on first use."""
-        if self._judge is None:
-            from dat.judges import make
-
-            self._judge = make(self.judge or "embed:default")
-        return self._judge
 
     def reward(self, episodes: list[Episode], round_index: int) -> list[Reward]:
         if not episodes:
@@ -293,7 +247,7 @@ class Taboo(Setting):
             novel, copied = strip_copied(reply, said)
             items.append((ep.scenario.data, steered, reply, novel, copied))
         neutral = list(dict.fromkeys(list(NEUTRAL_REPLIES) + [self.greeting]))
-        judge = self.embedder
+        judge = self.built_judge("embed:default")  # built on first use
         # one encoder call for everything not cached yet
         texts = [t for _, s, r, n, _ in items for t in (s, r, n)]
         targets = [t for d, *_ in items for t in (d["description"], d["topic"])]

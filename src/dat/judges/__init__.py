@@ -17,12 +17,14 @@ from collections.abc import Callable
 
 from dat.errors import DatError
 from dat.judges.base import (
+    KINDS,
     Attempted,
     Judge,
     JudgeOutputError,
     generate_and_parse,
     resolve_lm,
     sigmoid,
+    split_kind,
 )
 from dat.judges.classifier import YesNoJudge, YesNoRequest
 from dat.judges.embedding import EmbeddingJudge, SimilarityRequest
@@ -36,8 +38,6 @@ from dat.judges.llm import (
     sotopia_reward,
 )
 
-KINDS = ("yesno", "sotopia")
-
 # scheme -> factory(target, kind, lm, **kwargs) -> Judge
 _SCHEMES: dict[str, Callable[..., Judge]] = {}
 
@@ -48,15 +48,6 @@ def register(scheme: str, factory: Callable[..., Judge]) -> None:
     _SCHEMES[scheme] = factory
 
 
-def _split_kind(target: str, kind: str | None) -> tuple[str, str | None]:
-    if "#" in target:
-        target, _, k = target.rpartition("#")
-        if kind is not None and kind != k:
-            raise DatError(f"judge spec says kind {k!r} but kind={kind!r} was passed")
-        kind = k
-    return target, kind
-
-
 def _embed(target: str, kind: str | None, lm=None, **kw) -> Judge:
     if kind not in (None, "embed", "embedding"):
         raise DatError(f"embed: judges are embedding-similarity judges, not {kind!r}")
@@ -64,7 +55,7 @@ def _embed(target: str, kind: str | None, lm=None, **kw) -> Judge:
 
 
 def _hf(target: str, kind: str | None, lm=None, **kw) -> Judge:
-    target, kind = _split_kind(target, kind)
+    target, kind = split_kind(target, kind)
     if kind not in KINDS:
         raise DatError(f"judge 'hf:{target}' needs a kind: one of {', '.join(KINDS)} "
                        f"(pass kind=... or write 'hf:{target}#yesno'), got {kind!r}")
@@ -75,8 +66,15 @@ def _hf(target: str, kind: str | None, lm=None, **kw) -> Judge:
     return cls(model, **kw)
 
 
+def _api(target: str, kind: str | None, lm=None, **kw) -> Judge:
+    from dat.judges.api import make_api_judge  # the HTTP client is imported only when used
+
+    return make_api_judge(target, kind, lm, **kw)
+
+
 register("embed", _embed)
 register("hf", _hf)
+register("api", _api)
 
 
 def make(spec, kind: str | None = None, lm=None, **kwargs) -> Judge:
@@ -90,8 +88,6 @@ def make(spec, kind: str | None = None, lm=None, **kwargs) -> Judge:
         raise DatError(f"judge spec must look like 'embed:default', 'hf:PATH' or another "
                        f"registered scheme ({', '.join(sorted(_SCHEMES))}), got {spec!r}")
     scheme, _, target = spec.partition(":")
-    if scheme == "api" and scheme not in _SCHEMES:
-        import dat.judges.api  # noqa: F401  (registers the "api" scheme)
     if scheme not in _SCHEMES:
         raise DatError(f"unknown judge scheme {scheme!r} in {spec!r}; known: "
                        f"{', '.join(sorted(_SCHEMES))}")

@@ -12,8 +12,8 @@
   normaliser, which cancels).
 
 Both take an :class:`~dat.api.APIClient` (timeouts, retries, bounded concurrency, request
-budget, key from a named environment variable) or a spec ``api:URL#model``. Importing this
-module registers the ``api`` scheme with :func:`dat.judges.make`::
+budget, key from a named environment variable) or a spec ``api:URL#model`` given to
+:func:`dat.judges.make`::
 
     judges.make("api:http://127.0.0.1:8000/v1#dat", kind="yesno")
     judges.make("api:https://api.openai.com/v1?key_env=OPENAI_API_KEY#gpt-4o#sotopia")
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dat.api import APIClient, APIError, ChatResult, parse_api_spec
 from dat.episode import Reward
 from dat.errors import DatError
-from dat.judges.base import Judge, generate_and_parse, sigmoid
+from dat.judges.base import KINDS, Judge, generate_and_parse, sigmoid, split_kind
 from dat.judges.classifier import NO_SPELLINGS, YES_SPELLINGS, YesNoRequest, resolve_template
 from dat.judges.llm import (
     SotopiaRequest,
@@ -211,14 +211,9 @@ def make_api_judge(target: str, kind: str | None = None, lm=None, **kwargs) -> J
     ``max_concurrency``, ``max_requests``, ``api_key_env``, ...) and judge options may both
     be passed as keyword arguments.
     """
-    from dat.judges import KINDS
-
     url, _, model = target.partition("#")
     if "#" in model:
-        model, _, spec_kind = model.rpartition("#")
-        if kind is not None and kind != spec_kind:
-            raise DatError(f"judge spec says kind {spec_kind!r} but kind={kind!r} was passed")
-        kind = spec_kind
+        model, kind = split_kind(model, kind)
     if kind not in KINDS:
         raise DatError(f"judge 'api:{target}' needs a kind: one of {', '.join(KINDS)} (pass kind=... "
                        f"or write 'api:URL#MODEL#yesno'), got {kind!r}")
@@ -226,12 +221,3 @@ def make_api_judge(target: str, kind: str | None = None, lm=None, **kwargs) -> J
     client = APIClient(parse_api_spec(f"{url}#{model}", **client_opts))
     cls = APIYesNoJudge if kind == "yesno" else APISotopiaJudge
     return cls(client, **kwargs)
-
-
-def _register() -> None:
-    from dat import judges
-
-    judges.register("api", make_api_judge)
-
-
-_register()

@@ -1,4 +1,4 @@
-"""The judge interface: a batch of typed requests in, one :class:`~dat.envs.base.Reward` out
+"""The judge interface: a batch of typed requests in, one :class:`~dat.episode.Reward` out
 per request.
 
 Every judge is a :class:`Judge` with one method, ``score(requests) -> list[Reward]``. The
@@ -32,6 +32,8 @@ from typing import Generic, TypeVar
 from dat.episode import Reward
 from dat.errors import DatError
 
+KINDS = ("yesno", "sotopia")  # what a model-backed judge can be asked for
+
 R = TypeVar("R")  # request type
 T = TypeVar("T")  # parsed value type
 
@@ -51,6 +53,16 @@ class Judge(ABC, Generic[R]):
 
     def __call__(self, requests: Sequence[R]) -> list[Reward]:
         return self.score(requests)
+
+
+def split_kind(target: str, kind: str | None) -> tuple[str, str | None]:
+    """``"model#yesno"`` -> ``("model", "yesno")``; a kind in both places must agree."""
+    if "#" in target:
+        target, _, k = target.rpartition("#")
+        if kind is not None and kind != k:
+            raise DatError(f"judge spec says kind {k!r} but kind={kind!r} was passed")
+        kind = k
+    return target, kind
 
 
 def sigmoid(x: float) -> float:
