@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import platform
 import shlex
 import sys
@@ -186,8 +187,8 @@ def run_details(results: dict, command: str | None) -> str:
                            f"{platform.platform()}"))]
     rows = "".join(f"<tr><th>{_text(k)}</th><td><code>{_text(v)}</code></td></tr>"
                    for k, v in items)
-    agents = "".join(f"<tr><th>{_text(n)}</th><td><code>{_text(a.get('spec'))}</code></td></tr>"
-                     for n, a in results["agents"].items())
+    agents = "".join(f"<tr><th>{_text(n)}</th><td><code>{_text(json.dumps(a.get('spec')))}"
+                     "</code></td></tr>" for n, a in results["agents"].items())
     return f"<table class='meta'>{rows}{agents}</table>"
 
 
