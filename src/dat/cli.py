@@ -84,14 +84,24 @@ def _write_json(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(finite(result), indent=2) + "\n")
 
 
-def _load_lm(model: str, backend: str, device: str, hf="load"):
+PRECISION_OPTION = typer.Option(
+    "exact", help="exact (float32, the reference) | fast (bf16 where the CPU/GPU has it natively, "
+                  "else int8 linear layers); prints what it chose.")
+
+
+def _load_lm(model: str, backend: str, device: str, hf="load", precision: str = "exact"):
     """The model with the chosen generation backend (``hf=None``: leave the transformers
     backend to the caller's own loading)."""
     from dat.backends import check_backend, make_lm
+    from dat.models import resolve_device
+    from dat.precision import choose
 
+    choice = choose(precision, resolve_device(device))  # a bad value fails before loading
+    if precision != "exact":
+        console.print(f"[dim]{choice.describe()}[/]")
     if check_backend(backend) == "hf" and hf is None:
         return None
-    return make_lm(model, backend=backend, device=device)
+    return make_lm(model, backend=backend, device=device, precision=precision)
 
 
 def _hf_only(backend: str, option: str) -> None:
@@ -212,6 +222,7 @@ def collect(
                                             "them)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     backend: str = BACKEND_OPTION,
+    precision: str = PRECISION_OPTION,
     terminal_states: bool = typer.Option(
         False, "--terminal-states/--no-terminal-states",
         help="Also store each episode's final state s_T (not needed by TD3+BC; older buffers "
@@ -236,14 +247,15 @@ def collect(
                         n_tokens=n_tokens, position=position, scenarios=scenarios,
                         end_at_sentence=end_at_sentence,
                         allow_judge_failures=allow_judge_failures,
-                        include_contextual=include_contextual)
+                        include_contextual=include_contextual, precision=precision)
     if use_ray or num_workers or address:
         from dat.distributed import RayConfig, collect_ray
 
         rc = RayConfig(num_workers=num_workers, address=address)
         summary = _run(lambda: _hf_only(backend, "--ray") or collect_ray(cfg, rc), out)
     else:
-        summary = _run(lambda: run_collect(cfg, lm=_load_lm(model, backend, device, hf=None)), out)
+        summary = _run(lambda: run_collect(cfg, lm=_load_lm(model, backend, device, hf=None,
+                                                                precision=precision)), out)
     workers = (f" on {summary['workers']} Ray workers ({summary['restarts']} restarted)"
                if "workers" in summary else "")
     console.print(f"[green]done[/]: {summary['episodes_run']} episodes run, "
@@ -264,6 +276,7 @@ def serve(
     default_max_tokens: int = typer.Option(256, help="New tokens when a request sets no max_tokens."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    precision: str = PRECISION_OPTION,
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
     backend: str = typer.Option("hf", help="Generation backend: hf (transformers) | vllm "
@@ -280,7 +293,7 @@ def serve(
                                served_model_name=served_model_name,
                                default_max_tokens=default_max_tokens, device=device, dtype=dtype,
                                threads=threads, log_level=log_level, backend=backend,
-                               max_body_bytes=max_body_bytes))
+                               max_body_bytes=max_body_bytes, precision=precision))
 
 
 @app.command("clone")
@@ -389,6 +402,7 @@ def eval_cmd(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     backend: str = BACKEND_OPTION,
+    precision: str = PRECISION_OPTION,
     use_ray: bool = typer.Option(False, "--ray", help="Run the episodes on Ray workers "
                                  "(pip install 'dat[ray]'); same results."),
     num_workers: int = NUM_WORKERS_OPTION,
@@ -405,6 +419,8 @@ def eval_cmd(
     def go():
         if use_ray or num_workers or address:
             _hf_only(backend, "--ray")
+            if precision != "exact":
+                raise DatError("--ray evaluates in exact precision; drop --precision fast.")
         agents = {"unsteered": AgentSpec()}  # parsed first: a bad --agent fails at once
         for item in agent or []:
             name, sep, path = item.partition("=")
@@ -415,7 +431,7 @@ def eval_cmd(
                                + (" by the unsteered baseline" if name == "unsteered" else "")
                                + "; give each agent its own name.")
             agents[name] = AgentSpec.from_dir(path)
-        lm = _load_lm(model, backend, device)
+        lm = _load_lm(model, backend, device, precision=precision)
         setting = make_setting(env, data, judge, lm, rounds)
         cfg = RolloutConfig(batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed,
@@ -594,6 +610,7 @@ def quickstart(
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     backend: str = BACKEND_OPTION,
+    precision: str = PRECISION_OPTION,
 ) -> None:
     """The whole pipeline on the default model and an embedded setting: exploration, TD3+BC, evaluation on
     held-out topics against the unsteered agent (and the paper's prefix tokens and per-scenario
@@ -604,7 +621,7 @@ def quickstart(
     _run(lambda: run_quickstart(QuickstartConfig(
         out=out, tiny=tiny, setting=setting, action=action, layer=layer, residual_scale=residual_scale,
         iterations=iterations, compare_tokens=compare_tokens, per_scenario=per_scenario,
-        self_clone=self_clone, device=device, seed=seed, backend=backend)), out)
+        self_clone=self_clone, device=device, seed=seed, backend=backend, precision=precision)), out)
 
 
 def main() -> None:  # pragma: no cover

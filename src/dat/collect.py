@@ -67,6 +67,7 @@ class CollectConfig:
     scenarios: int | None = None  # N: only the first N scenarios of the split's seeded order
     seed: int = 0
     device: str = "auto"
+    precision: str = "exact"  # "fast": bf16 / int8 where the hardware has it (dat.precision)
     progress: bool = True
     terminal_states: bool = False  # also store each episode's final state s_T (T + 1 rows)
     end_at_sentence: bool = False  # cut-off replies end at their last complete sentence
@@ -169,7 +170,8 @@ class Collector:
         if cfg.episodes < 1 or cfg.batch_size < 1:
             raise DatError("--episodes and --batch-size must be at least 1.")
         self.cfg = cfg
-        self.lm = lm = lm or SteeredLM.from_pretrained(cfg.model, device=cfg.device)
+        self.lm = lm = lm or SteeredLM.from_pretrained(cfg.model, device=cfg.device,
+                                                           precision=cfg.precision)
         options = {"contextual": "include"} if cfg.include_contextual else {}
         self.setting = setting = setting or make_setting(cfg.env, cfg.data, cfg.judge, lm,
                                                          cfg.rounds, **options)

@@ -81,15 +81,16 @@ class Worker:
 
     # ---- cached model, settings, collectors ----------------------------------------------------
 
-    def _model(self, model: str, device: str):
-        if self._lm is None or self._lm[0] != (model, device):
+    def _model(self, model: str, device: str, precision: str = "exact"):
+        if self._lm is None or self._lm[0] != (model, device, precision):
             from dat.steer import SteeredLM
 
             self._lm = None
             self._settings.clear()
             self._collectors.clear()
             self._policy = None
-            self._lm = ((model, device), SteeredLM.from_pretrained(model, device=device))
+            self._lm = ((model, device, precision),
+                        SteeredLM.from_pretrained(model, device=device, precision=precision))
         return self._lm[1]
 
     def _setting(self, lm, env: str, data, judge, rounds):
@@ -106,7 +107,7 @@ class Worker:
             from dat.collect import CollectConfig, Collector
 
             c = CollectConfig(**cfg)
-            lm = self._model(c.model, c.device)
+            lm = self._model(c.model, c.device, c.precision)
             setting = self._setting(lm, c.env, c.data, c.judge, c.rounds)
             self._collectors[key] = Collector(c, lm=lm, setting=setting)
         return self._collectors[key]

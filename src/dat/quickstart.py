@@ -44,6 +44,7 @@ class QuickstartConfig:
     model: str = "default"
     device: str = "auto"
     backend: str = "hf"  # generation backend: hf | vllm (see dat.backends)
+    precision: str = "exact"  # "fast": bf16 / int8 where the hardware has it (dat.precision)
     rounds: int = 3
     max_new_tokens: int = 32
     batch_size: int = 32
@@ -152,12 +153,15 @@ def quickstart(cfg: QuickstartConfig) -> dict:
     def done(name: str):
         times[name] = round(time.perf_counter() - times[name], 1)
 
-    lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device)
+    lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision)
+    if cfg.precision != "exact" and getattr(lm, "precision", None) is not None:
+        console.print(f"[dim]{lm.precision.describe()}[/]")
     options = {"reward_mode": cfg.reward} if cfg.setting == "taboo" else {}
     setting = make_setting(cfg.setting, None, None, lm, cfg.rounds, **options)
     common = dict(env=cfg.setting, model=cfg.model, rounds=cfg.rounds,
                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                  device=cfg.device, end_at_sentence=cfg.end_at_sentence, scenarios=cfg.explore_scenarios)
+                  device=cfg.device, end_at_sentence=cfg.end_at_sentence, scenarios=cfg.explore_scenarios,
+                  precision=cfg.precision)
 
     def td3(buffer: Path, dat_dir: Path, init=None, **over):
         tcfg = TD3BCConfig(**{**cfg.td3bc, "seed": cfg.seed, "log_dir": str(dat_dir / "logs"),

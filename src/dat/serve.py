@@ -55,6 +55,7 @@ class ServeConfig:
     log_level: str = "info"
     backend: str = "hf"  # generation backend: hf | vllm (see dat.backends)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies are refused with a 413
+    precision: str = "exact"  # "fast": bf16 / int8 where the hardware has it (dat.precision)
 
     def validate(self) -> None:
         from dat.backends import check_backend
@@ -286,6 +287,7 @@ def serve_command(
     log_level: str = "info",
     backend: str = "hf",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    precision: str = "exact",
 ) -> None:
     """Load the model (and planner) and serve it until interrupted.
 
@@ -297,7 +299,7 @@ def serve_command(
     uvicorn = require("uvicorn", install="pip install 'dat[serve]'", purpose="dat serve")
     config = ServeConfig(model, planner, host, port, api_key_env, max_batch, max_wait_ms,
                          served_model_name, default_max_tokens, device, dtype, threads, log_level,
-                         backend, max_body_bytes)
+                         backend, max_body_bytes, precision)
     config.validate()
     api_key = read_api_key(api_key_env)  # fail before loading the model
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -309,9 +311,12 @@ def serve_command(
         import torch
 
         torch.set_num_threads(threads)
-    engine = Engine.load(model, planner, device=device, dtype=dtype, backend=backend)
-    log.info("model %s on %s, planner %s, serving %s", engine.lm.name, engine.lm.device,
-             engine.planner_path or "none (plain)", served_model_name)
+    engine = Engine.load(model, planner, device=device, dtype=dtype, backend=backend,
+                         precision=precision)
+    chosen = getattr(engine.lm, "precision", None)
+    log.info("model %s on %s, planner %s, serving %s%s", engine.lm.name, engine.lm.device,
+             engine.planner_path or "none (plain)", served_model_name,
+             f", {chosen.describe()}" if chosen is not None else "")
     app = create_app(engine, config, api_key)
     # In-flight requests get a few seconds on shutdown; then their rows are cancelled.
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)

@@ -151,11 +151,11 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = "default", planner: str | None = None, device: str = "auto",
-             dtype: str = "auto", backend: str = "hf") -> Engine:
+             dtype: str = "auto", backend: str = "hf", precision: str = "exact") -> Engine:
         from dat.agent import Agent
         from dat.backends import make_lm
 
-        lm = make_lm(model, backend=backend, device=device, dtype=dtype)
+        lm = make_lm(model, backend=backend, device=device, dtype=dtype, precision=precision)
         if planner is None:
             return cls(lm)
         return cls(lm, Agent.load(planner, lm), str(Path(planner).resolve()))

@@ -119,6 +119,7 @@ class SteeredLM:
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
         self.supports_prefix_cache = supports_slab(model)
         self.decoder = KVDecoder(model)
+        self.precision = None  # set by from_pretrained: a dat.precision.PrecisionChoice
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -129,9 +130,22 @@ class SteeredLM:
         dtype: str = "auto",
         max_context: int | None = None,
         truncation: Literal["error", "left"] = "error",
+        precision: str = "exact",
     ) -> SteeredLM:
+        """``precision="fast"`` (:mod:`dat.precision`): bf16 where the hardware has it natively,
+        int8 linear layers otherwise; an explicit ``dtype`` other than ``"auto"`` wins."""
+        from dat.models import resolve_device
+        from dat.precision import apply, choose
+
+        choice = choose(precision, resolve_device(device))
+        if precision != "exact" and dtype == "auto":
+            dtype = choice.dtype
         model, tokenizer, name = load_model(name_or_path, device=device, dtype=dtype)
-        return cls(model, tokenizer, name=name, max_context=max_context, truncation=truncation)
+        if precision != "exact":
+            model = apply(model, choice)
+        lm = cls(model, tokenizer, name=name, max_context=max_context, truncation=truncation)
+        lm.precision = choice
+        return lm
 
     @property
     def hidden_size(self) -> int:

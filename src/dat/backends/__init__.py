@@ -22,8 +22,9 @@ from dat.backends.base import (
 
 
 def make_lm(model: str = "default", backend: str = "hf", device: str = "auto",
-            dtype: str = "auto", **kwargs) -> SteeringBackend:
-    """Load ``model`` with the chosen generation backend (``hf`` or ``vllm``).
+            dtype: str = "auto", precision: str = "exact", **kwargs) -> SteeringBackend:
+    """Load ``model`` with the chosen generation backend (``hf`` or ``vllm``) and precision
+    (``exact`` or ``fast``, see :mod:`dat.precision`).
 
     Extra keyword arguments go to the backend's ``from_pretrained`` (for ``vllm``:
     ``engine_kwargs`` for ``vllm.LLM``, e.g. ``{"gpu_memory_utilization": 0.5}``)."""
@@ -31,9 +32,12 @@ def make_lm(model: str = "default", backend: str = "hf", device: str = "auto",
     if backend == "hf":
         from dat.steer import SteeredLM
 
-        return SteeredLM.from_pretrained(model, device=device, dtype=dtype, **kwargs)
+        return SteeredLM.from_pretrained(model, device=device, dtype=dtype, precision=precision,
+                                         **kwargs)
     from dat.backends.vllm_lm import VLLMSteeredLM
 
+    if precision == "fast" and dtype == "auto":
+        dtype = "bfloat16"  # vLLM's own kernels; int8 needs a quantised checkpoint there
     return VLLMSteeredLM.from_pretrained(model, device=device, dtype=dtype, **kwargs)
 
 

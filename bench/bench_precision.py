@@ -1,0 +1,103 @@
+"""--precision fast vs exact, side by side in one run (default setting ``openup``, its held-out
+test partners, 3 rounds, 48 new tokens, greedy, batch 32, default model):
+
+* speed: rollout generated tokens/s and episodes/h of each precision;
+* same behaviour: the paired difference of episode rewards (fast - exact, same episode ids
+  and scenarios) with its 95 % bootstrap CI, and the share of identical greedy dialogues;
+* same language: perplexity of each precision's steered replies under the *exact* model.
+
+The steered agent is unsteered by default, or ``--agent DIR`` (a trained planner).
+Run: python bench/bench_precision.py [--episodes 64] [--agent runs/quickstart/dat-residual]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report  # noqa: E402
+
+from dat.agent import load_agent  # noqa: E402
+from dat.envs import make  # noqa: E402
+from dat.precision import cpu_flags  # noqa: E402
+from dat.quality import perplexity  # noqa: E402
+from dat.rollout import Rollout, RolloutConfig, episode_jobs  # noqa: E402
+from dat.stats import paired_difference  # noqa: E402
+from dat.steer import SteeredLM  # noqa: E402
+
+ROUNDS, NEW_TOKENS, BATCH = 3, 48, 32
+
+
+def run(lm, setting, jobs, agent_dir):
+    agent = load_agent(agent_dir, lm) if agent_dir else None
+    cfg = RolloutConfig(batch_size=BATCH, rounds=ROUNDS, max_new_tokens=NEW_TOKENS, seed=0)
+    Rollout(lm, setting, agent=agent, config=RolloutConfig(batch_size=2, rounds=1,
+                                                           max_new_tokens=4)).run(jobs[:2])
+    r = Rollout(lm, setting, agent=agent, config=cfg)
+    t = time.perf_counter()
+    out = sorted(r.run(jobs), key=lambda e: e.episode.episode_id)
+    return out, time.perf_counter() - t, r.generated_tokens
+
+
+def steered_turns(runs):
+    prompts, texts = [], []
+    for r in runs:
+        ep = r.episode
+        for k, t in enumerate(ep.turns):
+            if t.speaker == "steered" and t.text.strip():
+                prompts.append(ep.view("steered", upto=k))
+                texts.append(t.text)
+    return prompts, texts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--episodes", type=int, default=64)
+    ap.add_argument("--agent", default=None, help="planner folder (default: unsteered)")
+    args = ap.parse_args(argv)
+    setting = make("openup")
+    jobs = episode_jobs(setting, args.episodes, "test", seed=0)
+    exact = SteeredLM.from_pretrained("default", device="cpu")
+    fast = SteeredLM.from_pretrained("default", device="cpu", precision="fast")
+    rows, runs = [], {}
+    for name, lm in (("exact", exact), ("fast", fast)):
+        out, dt, tokens = run(lm, setting, jobs, args.agent)
+        runs[name] = out
+        prompts, texts = steered_turns(out)
+        ppl = perplexity(exact, prompts, texts)["perplexity"]
+        rewards = [r.total_reward for r in out if r.total_reward is not None]
+        rows.append({"precision": name, "chosen": lm.precision.describe(), "episodes": len(out),
+                     "seconds": round(dt, 1), "episodes/hour": round(3600 * len(out) / dt),
+                     "generated tokens/s": round(tokens / dt, 1),
+                     "mean reward": round(sum(rewards) / len(rewards), 4),
+                     "perplexity under exact": round(ppl, 3)})
+    by_id = {n: {r.episode.episode_id: r for r in runs[n]} for n in runs}
+    diff = paired_difference({i: r.total_reward for i, r in by_id["fast"].items()},
+                             {i: r.total_reward for i, r in by_id["exact"].items()},
+                             groups={i: r.episode.scenario.id for i, r in by_id["exact"].items()})
+    same = sum([t.text for t in by_id["fast"][i].episode.turns]
+               == [t.text for t in by_id["exact"][i].episode.turns] for i in by_id["exact"])
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2")))
+    summary = {
+        "fast_vs_exact_tokens_per_s": rows[1]["generated tokens/s"] / rows[0]["generated tokens/s"],
+        "fast_vs_exact_episodes_per_hour": rows[1]["episodes/hour"] / rows[0]["episodes/hour"],
+        "reward_diff_fast_minus_exact": diff,
+        "exact_mean_within_ci": (diff["ci"][0] <= 0.0 <= diff["ci"][1]) if diff.get("ci") else None,
+        "identical_greedy_dialogues": f"{same}/{len(by_id['exact'])}",
+        "perplexity_ratio_fast_vs_exact": rows[1]["perplexity under exact"]
+        / rows[0]["perplexity under exact"],
+        "agent": args.agent or "unsteered", "setting": "openup (test)", "batch": BATCH,
+        "rounds": ROUNDS, "new_tokens": NEW_TOKENS, "cpu_flags": flags,
+        "torch_threads": torch.get_num_threads(),
+        "targets": {"fast_vs_exact_tokens_per_s": ">= 1.8 on a CPU with native bf16"},
+    }
+    report("precision", rows, summary)
+
+
+if __name__ == "__main__":
+    main()
