@@ -59,13 +59,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--episodes", type=int, default=64)
     ap.add_argument("--agent", default=None, help="planner folder (default: unsteered)")
+    ap.add_argument("--also", nargs="*", default=[], choices=["bf16", "int8"],
+                    help="also time these forced precisions")
     args = ap.parse_args(argv)
     setting = make("openup")
     jobs = episode_jobs(setting, args.episodes, "test", seed=0)
     exact = SteeredLM.from_pretrained("default", device="cpu")
-    fast = SteeredLM.from_pretrained("default", device="cpu", precision="fast")
     rows, runs = [], {}
-    for name, lm in (("exact", exact), ("fast", fast)):
+    for name in ["exact", "fast", *args.also]:
+        lm = exact if name == "exact" else SteeredLM.from_pretrained("default", device="cpu",
+                                                                     precision=name)
         out, dt, tokens = run(lm, setting, jobs, args.agent)
         runs[name] = out
         prompts, texts = steered_turns(out)
@@ -77,6 +80,14 @@ def main(argv=None):
                      "mean reward": round(sum(rewards) / len(rewards), 4),
                      "perplexity under exact": round(ppl, 3)})
     by_id = {n: {r.episode.episode_id: r for r in runs[n]} for n in runs}
+    others = {n: {"tokens_per_s_vs_exact": r["generated tokens/s"] / rows[0]["generated tokens/s"],
+                  "reward_diff_vs_exact": paired_difference(
+                      {i: e.total_reward for i, e in by_id[n].items()},
+                      {i: e.total_reward for i, e in by_id["exact"].items()},
+                      groups={i: e.episode.scenario.id for i, e in by_id["exact"].items()}),
+                  "perplexity_ratio_vs_exact": r["perplexity under exact"]
+                  / rows[0]["perplexity under exact"]}
+              for n, r in zip(runs, rows) if n not in ("exact", "fast")}
     diff = paired_difference({i: r.total_reward for i, r in by_id["fast"].items()},
                              {i: r.total_reward for i, r in by_id["exact"].items()},
                              groups={i: r.episode.scenario.id for i, r in by_id["exact"].items()})
@@ -91,6 +102,7 @@ def main(argv=None):
         "identical_greedy_dialogues": f"{same}/{len(by_id['exact'])}",
         "perplexity_ratio_fast_vs_exact": rows[1]["perplexity under exact"]
         / rows[0]["perplexity under exact"],
+        "forced_precisions": others,
         "agent": args.agent or "unsteered", "setting": "openup (test)", "batch": BATCH,
         "rounds": ROUNDS, "new_tokens": NEW_TOKENS, "cpu_flags": flags,
         "torch_threads": torch.get_num_threads(),

@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dat"
 # Bottom to top. A module may import its own layer and the layers below it.
 LAYERS: list[tuple[str, ...]] = [
     ("dat.errors", "dat.fileio", "dat.version", "dat.episode", "dat.provenance", "dat.progress",
+     "dat.precision",
      "dat.stats"),
     ("dat.models", "dat.api"),
     ("dat.kvcache", "dat.decoding", "dat.steer", "dat.backends"),

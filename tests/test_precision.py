@@ -26,6 +26,10 @@ def test_exact_is_float32_and_fast_follows_the_cpu_flags():
     fallback = choose("fast", CPU, flags={"avx2", "fma"})
     assert fallback.int8_linear and fallback.dtype is torch.float32
     assert "no native bf16" in fallback.describe() and "int8" in fallback.describe()
+    assert choose("bf16", CPU, flags=set()).dtype is torch.bfloat16  # forced
+    assert choose("int8", CPU, flags={"amx_bf16"}).int8_linear
+    with pytest.raises(DatError, match="runs on the CPU only"):
+        choose("int8", torch.device("cuda"))
     with pytest.raises(DatError, match="--precision must be one of exact, fast"):
         choose("fastest", CPU)
 

@@ -16,7 +16,7 @@ import torch
 
 from dat.errors import DatError
 
-PRECISIONS = ("exact", "fast")
+PRECISIONS = ("exact", "fast", "bf16", "int8")  # bf16 / int8: force one of fast's choices
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -49,6 +49,12 @@ def choose(precision: str, device: torch.device, flags: set[str] | None = None) 
         raise DatError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if precision == "exact":
         return PrecisionChoice("exact", torch.float32, False, "float32, the reference")
+    if precision == "bf16":
+        return PrecisionChoice("bf16", torch.bfloat16, False, "asked for")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise DatError("--precision int8 (dynamic int8 linear layers) runs on the CPU only.")
+        return PrecisionChoice("int8", torch.float32, True, "asked for")
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return PrecisionChoice("fast", torch.bfloat16, False, "CUDA GPU with bf16")
