@@ -21,6 +21,7 @@ import torch
 from dat.episode import Episode, Reward, Scenario, Turn
 from dat.errors import DatError
 from dat.fileio import atomic_write_text
+from dat.kvcache import PrefixCache
 
 COMMANDS = {
     "/unsteered": "toggle steering and regenerate the last reply",
@@ -58,6 +59,8 @@ class ChatSession:
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.steering = agent is not None
         self.actions: list[torch.Tensor | None] = []  # per reply of this session (None: unsteered)
+        # the keys and values of the dialogue so far: a turn encodes only its new tokens
+        self.cache = PrefixCache() if lm.supports_prefix_cache else None
 
     # ------------------------------------------------------------------ turns
     def say(self, text: str) -> None:
@@ -68,16 +71,17 @@ class ChatSession:
         """The agent's next turn, appended to the dialogue."""
         view = self.episode.view("steered")
         seed = self.seed + len(self.episode.turns)
+        caches = None if self.cache is None else [self.cache]
         action = embeds = None
         if self.steering:
-            state = self.lm.state([view])
+            state = self.lm.state([view], caches=caches)
             action = self.agent.act(state, scenario_ids=[self.episode.scenario.id]).float().cpu()
             with torch.no_grad():
                 embeds = self.agent.embed(action).to(self.lm.device)
         position = self.agent.position if self.steering else "prefix"
         text = self.lm.generate([view], actions=embeds, position=position,
                                 max_new_tokens=self.max_new_tokens,
-                                temperature=self.temperature, seed=seed)[0]
+                                temperature=self.temperature, seed=seed, caches=caches)[0]
         self.episode.turns.append(Turn("steered", text))
         previous = next((a for a in reversed(self.actions) if a is not None), None)
         self.actions.append(action)

@@ -93,15 +93,13 @@ def _load_lm(model: str, backend: str, device: str, hf="load", precision: str = 
     """The model with the chosen generation backend (``hf=None``: leave the transformers
     backend to the caller's own loading)."""
     from dat.backends import check_backend, make_lm
-    from dat.models import resolve_device
-    from dat.precision import choose
 
-    choice = choose(precision, resolve_device(device))  # a bad value fails before loading
-    if precision != "exact":
-        console.print(f"[dim]{choice.describe()}[/]")
     if check_backend(backend) == "hf" and hf is None:
         return None
-    return make_lm(model, backend=backend, device=device, precision=precision)
+    lm = make_lm(model, backend=backend, device=device, precision=precision)
+    if precision != "exact":
+        console.print(f"[dim]{lm.precision.describe()}[/]")
+    return lm
 
 
 def _hf_only(backend: str, option: str) -> None:
@@ -546,7 +544,11 @@ def chat(
     last reply), /reward, /save FILE, /help, /quit. With piped stdin: one line in, one reply out."""
     import sys
 
+    from rich.markup import escape
+
     from dat import chat as chatting
+    from dat.errors import DatError
+    from dat.models import cache_dir
 
     def go():
         from dat.agent import Agent, load_agent
@@ -573,21 +575,12 @@ def chat(
         if chatting.stdin_is_terminal():
             console.print(f"[dim]{lm.name}, {'agent ' + agent if agent else 'unsteered'}. "
                           f"/help lists the commands.[/]")
-            chatting.run(session, chatting.interactive_lines(cache_history()),
+            chatting.run(session, chatting.interactive_lines(Path(cache_dir()) / "chat_history"),
                          lambda t: console.print(f"[bold]agent>[/] {escape(t)}"),
                          lambda t: console.print(f"[dim]{escape(t)}[/]"), opener)
         else:
             chatting.run(session, sys.stdin, lambda t: print(t, flush=True),
                          lambda t: print(t, file=sys.stderr, flush=True), opener)
-
-    def cache_history():
-        from dat.models import cache_dir
-
-        return Path(cache_dir()) / "chat_history"
-
-    from rich.markup import escape
-
-    from dat.errors import DatError
 
     _run(go)
 

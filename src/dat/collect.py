@@ -172,6 +172,8 @@ class Collector:
         self.cfg = cfg
         self.lm = lm = lm or SteeredLM.from_pretrained(cfg.model, device=cfg.device,
                                                            precision=cfg.precision)
+        if cfg.precision != "exact" and lm.precision is not None:
+            print(lm.precision.describe())
         options = {"contextual": "include"} if cfg.include_contextual else {}
         self.setting = setting = setting or make_setting(cfg.env, cfg.data, cfg.judge, lm,
                                                          cfg.rounds, **options)

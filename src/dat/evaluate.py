@@ -207,7 +207,8 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
     episodes = n_scen if episodes is None else int(episodes)
     if episodes < 1:
         raise DatError(f"evaluate: episodes must be >= 1, got {episodes}.")
-    if scenarios is not None and not 1 <= int(scenarios) <= n_scen:
+    scenarios = None if scenarios is None else int(scenarios)
+    if scenarios is not None and not 1 <= scenarios <= n_scen:
         raise DatError(f"evaluate: scenarios must be between 1 and the {n_scen} scenarios of "
                        f"split {split!r}, got {scenarios}.")
     cfg = replace(config or RolloutConfig(), seed=seed)

@@ -69,14 +69,13 @@ def choose(precision: str, device: torch.device, flags: set[str] | None = None) 
                            "no native bf16 on this CPU (no avx512_bf16/amx_bf16): int8 fallback")
 
 
-def apply(model: torch.nn.Module, choice: PrecisionChoice) -> torch.nn.Module:
-    """``model`` in the chosen precision (a new module for int8; the same one otherwise)."""
-    if choice.int8_linear:
-        import warnings
+def quantize_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (float32) with its linear layers as dynamic int8 ones: a new module. The
+    dtype of everything else is chosen at load time (:attr:`PrecisionChoice.dtype`)."""
+    import warnings
 
-        from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import quantize_dynamic
 
-        with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
-            warnings.simplefilter("ignore")
-            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return model.to(choice.dtype)
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from dat.errors import DatError
 from dat.fileio import atomic_write_text
@@ -20,7 +20,7 @@ from dat.version import __version__
 
 PROVENANCE_FILE = "provenance.json"
 Kind = Literal["buffer", "clone", "planner"]
-KINDS: tuple[str, ...] = ("buffer", "clone", "planner")
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass

@@ -47,8 +47,8 @@ def is_empty(text: str) -> bool:
 
 def _steered_turns(ep: Episode) -> list[tuple[list[dict], str]]:
     """``(prompt the steered agent saw, its utterance)`` for each of its turns."""
-    view = ep.view("steered")  # [system] + one message per turn
-    return [(view[:1 + k], t.text) for k, t in enumerate(ep.turns) if t.speaker == "steered"]
+    return [(ep.view("steered", upto=k), t.text) for k, t in enumerate(ep.turns)
+            if t.speaker == "steered"]
 
 
 def _recorded_turn_lengths(r: RolloutEpisode | Episode) -> tuple[list[int] | None, list[bool] | None]:

@@ -154,7 +154,7 @@ def quickstart(cfg: QuickstartConfig) -> dict:
         times[name] = round(time.perf_counter() - times[name], 1)
 
     lm = make_lm(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision)
-    if cfg.precision != "exact" and getattr(lm, "precision", None) is not None:
+    if cfg.precision != "exact":
         console.print(f"[dim]{lm.precision.describe()}[/]")
     options = {"reward_mode": cfg.reward} if cfg.setting == "taboo" else {}
     setting = make_setting(cfg.setting, None, None, lm, cfg.rounds, **options)

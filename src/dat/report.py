@@ -38,12 +38,12 @@ def _fixed(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def _percent(x, digits: int = 1) -> str:
+def percent_text(x, digits: int = 1) -> str:
     """A share as a percentage; a dash for None."""
     return "–" if x is None else f"{100 * x:.{digits}f} %"
 
 
-def _interval(ci, digits: int = 3, pct: bool = False) -> str:
+def interval_text(ci, digits: int = 3, pct: bool = False) -> str:
     """``[lo, hi]`` (in percent with ``pct``); a dash when there is no interval."""
     if not ci:
         return "–"
@@ -87,22 +87,22 @@ def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
     for name, a in agents.items():
         r = a["reward"]
         row = [name, str(a["episodes"]), str(a["judge_failed"]), mean_se_text(r),
-               _interval(r.get("ci"))]
+               interval_text(r.get("ci"))]
         if base is not None:
             d = a.get("diff_vs_baseline")
             row.append("(baseline)" if name == base else
                        ("–" if not d or d["mean"] is None
-                        else f"{d['mean']:+.3f} {_interval(d.get('ci'))}"))
+                        else f"{d['mean']:+.3f} {interval_text(d.get('ci'))}"))
         if redteam:
             asr = a.get("asr")
             row.append("–" if not asr
-                       else f"{_percent(asr['rate'])} {_interval(asr.get('ci'), pct=True)}")
+                       else f"{percent_text(asr['rate'])} {interval_text(asr.get('ci'), pct=True)}")
             row.append(mean_se_text(a.get("best_round_reward")))
         lang = a["language"]
         row += [_perplexity_text(lang.get("perplexity")), _fixed(lang.get("distinct_1")),
                 _fixed(lang.get("distinct_2")), _fixed(lang.get("mean_words"), 1),
-                _percent(lang.get("empty_share")),
-                _percent(lang.get("truncated_share"))]
+                percent_text(lang.get("empty_share")),
+                percent_text(lang.get("truncated_share"))]
         rows.append(row)
     return head, rows
 
@@ -316,23 +316,23 @@ th{background:#f3f3f3}
 """
 
 
-def _escape(x) -> str:
+def escape_html(x) -> str:
     """``x`` as HTML text (quotes escaped too)."""
     return html.escape(str(x), quote=True)
 
 
 def _scenario_cell(ep) -> str:
     sc = ep.scenario
-    lines = [f"<b>{_escape(sc.id)}</b>" + (f" <span class='meta'>(side {_escape(sc.side)})</span>"
+    lines = [f"<b>{escape_html(sc.id)}</b>" + (f" <span class='meta'>(side {escape_html(sc.side)})</span>"
                                      if sc.side else "")]
     for k, v in (sc.data or {}).items():
         if isinstance(v, (str, int, float)) or (isinstance(v, list) and all(isinstance(i, str) for i in v)):
             text = ", ".join(v) if isinstance(v, list) else str(v)
             if len(text) > 300:
                 text = text[:300] + "…"
-            lines.append(f"<div class='meta'><b>{_escape(k)}</b>: {_escape(text)}</div>")
+            lines.append(f"<div class='meta'><b>{escape_html(k)}</b>: {escape_html(text)}</div>")
     lines.append(f"<details><summary class='meta'>steered agent's system prompt</summary>"
-                 f"<div class='turn'>{_escape(ep.steered_system)}</div></details>")
+                 f"<div class='turn'>{escape_html(ep.steered_system)}</div></details>")
     return "".join(lines)
 
 
@@ -346,14 +346,14 @@ def _dialogue_cell(run) -> str:
             if k_steered < len(stopped) and not stopped[k_steered]:
                 note = "<div class='cut'>(cut off at max_new_tokens)</div>"
             k_steered += 1
-        body = _escape(t.text) if t.text.strip() else "<span class='empty'>(empty)</span>"
-        who = _escape(t.speaker)
+        body = escape_html(t.text) if t.text.strip() else "<span class='empty'>(empty)</span>"
+        who = escape_html(t.speaker)
         parts.append(f"<div class='turn {who}'><div class='who'>{who}</div>{body}{note}</div>")
     vals = [r.value for r in ep.rewards]
     rewards = ", ".join("failed" if v is None else f"{v:.3f}" for v in vals)
     total = "judge failed" if run.judge_failed else _fixed(run.total_reward)
-    parts.append(f"<div class='meta'>rewards: [{_escape(rewards)}] · total: "
-                 f"<b class='{'fail' if run.judge_failed else ''}'>{_escape(total)}</b></div>")
+    parts.append(f"<div class='meta'>rewards: [{escape_html(rewards)}] · total: "
+                 f"<b class='{'fail' if run.judge_failed else ''}'>{escape_html(total)}</b></div>")
     return "".join(parts)
 
 
@@ -367,10 +367,10 @@ def samples_table(results: dict, runs: dict, samples: int = 8) -> tuple[list[int
     rows = []
     for i in ids:
         first = by_id[names[0]][i]
-        cells = [f"<td>episode {_escape(i)}<br>{_scenario_cell(first.episode)}</td>"]
+        cells = [f"<td>episode {escape_html(i)}<br>{_scenario_cell(first.episode)}</td>"]
         cells += [f"<td>{_dialogue_cell(by_id[n][i])}</td>" for n in names]
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    head = "<th style='width:16%'>scenario</th>" + "".join(f"<th>{_escape(n)}</th>" for n in names)
+    head = "<th style='width:16%'>scenario</th>" + "".join(f"<th>{escape_html(n)}</th>" for n in names)
     return ids, f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -379,16 +379,31 @@ def format_samples_html(results: dict, runs: dict, samples: int = 8) -> str:
     names = list(results["agents"])
     ids, table = samples_table(results, runs, samples)
     title = f"{results['setting']} ({results['split']}): sample dialogues"
-    summary = ", ".join(f"{_escape(n)}: {_escape(mean_se_text(results['agents'][n]['reward']))}"
+    summary = ", ".join(f"{escape_html(n)}: {escape_html(mean_se_text(results['agents'][n]['reward']))}"
                         for n in names)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{_escape(title)}</title>"
-            f"<style>{SAMPLES_CSS}</style></head><body><h1>{_escape(title)}</h1>"
-            f"<p class='meta'>mean reward ± SE: {summary}. Model {_escape(results.get('model'))}; "
-            f"{_escape(len(ids))} of {_escape(results['episodes'])} episodes shown.</p>"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape_html(title)}</title>"
+            f"<style>{SAMPLES_CSS}</style></head><body><h1>{escape_html(title)}</h1>"
+            f"<p class='meta'>mean reward ± SE: {summary}. Model {escape_html(results.get('model'))}; "
+            f"{escape_html(len(ids))} of {escape_html(results['episodes'])} episodes shown.</p>"
             f"{table}</body></html>\n")
 
 
-__all__ = ["SAMPLES_CSS", "format_dimensions_table", "format_markdown", "format_rounds_table",
-           "format_samples_html", "format_table", "main_table", "mean_se_text", "plot_dimensions",
-           "plot_reward", "plot_reward_by_round", "plotting_backend", "samples_table"]
+__all__ = [
+    "SAMPLES_CSS",
+    "escape_html",
+    "format_dimensions_table",
+    "format_markdown",
+    "format_rounds_table",
+    "format_samples_html",
+    "format_table",
+    "interval_text",
+    "main_table",
+    "mean_se_text",
+    "percent_text",
+    "plot_dimensions",
+    "plot_reward",
+    "plot_reward_by_round",
+    "plotting_backend",
+    "samples_table",
+]
 

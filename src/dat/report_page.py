@@ -8,7 +8,6 @@ versions. It loads nothing from the network, and every piece of user text is esc
 from __future__ import annotations
 
 import base64
-import html
 import json
 import platform
 import shlex
@@ -19,10 +18,13 @@ from pathlib import Path
 from dat.fileio import atomic_write_text
 from dat.report import (
     SAMPLES_CSS,
+    escape_html,
     format_markdown,
     format_samples_html,
+    interval_text,
     main_table,
     mean_se_text,
+    percent_text,
     plot_dimensions,
     plot_reward,
     plot_reward_by_round,
@@ -63,14 +65,10 @@ document.querySelectorAll('table.scen th').forEach(function (th, col) {
 """
 
 
-def _text(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def _table(head: list[str], rows: list[list[str]], css: str) -> str:
     """An HTML table of text cells (escaped here)."""
-    th = "".join(f"<th>{_text(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{_text(c)}</td>" for c in r) + "</tr>" for r in rows)
+    th = "".join(f"<th>{escape_html(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{escape_html(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table class='{css}'><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -79,35 +77,34 @@ def _bar(share: float, css: str = "") -> str:
     return f"<span class='bar {css}' style='width:{width:.2f}em'></span>"
 
 
-def embedded_plots(results: dict, out_dir: Path) -> str:
+def _embedded_plots(results: dict, out_dir: Path) -> str:
     """Each PNG of the report as an ``<img>`` with a data URI."""
     parts = []
     for name in results.get("files", []):
         path = out_dir / name
         if name.endswith(".png") and path.is_file():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
-            parts.append(f"<figure><img alt='{_text(name)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption class='meta'>{_text(name)}</figcaption></figure>")
+            parts.append(f"<figure><img alt='{escape_html(name)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption class='meta'>{escape_html(name)}</figcaption></figure>")
     return "".join(parts)
 
 
-def asr_bars(results: dict) -> str:
+def _asr_bars(results: dict) -> str:
     """Red teaming: attack success rate per agent as bars (empty for other settings)."""
     rows = []
     for name, a in results["agents"].items():
         asr = a.get("asr")
         if asr:
-            ci = asr.get("ci")
-            ci_text = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] %" if ci else ""
-            rows.append(f"<tr><td>{_text(name)}</td><td>{_bar(asr['rate'], 'asr')}"
-                        f"{100 * asr['rate']:.1f} %{_text(ci_text)}</td></tr>")
+            text = f"{percent_text(asr['rate'])} {interval_text(asr.get('ci'), pct=True)}"
+            rows.append(f"<tr><td>{escape_html(name)}</td><td>{_bar(asr['rate'], 'asr')}"
+                        f"{escape_html(text)}</td></tr>")
     if not rows:
         return ""
     return ("<h2>Attack success rate</h2><table class='results'><thead><tr><th>agent</th>"
             f"<th>ASR [CI]</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-def dimension_bars(results: dict) -> str:
+def _dimension_bars(results: dict) -> str:
     """Social: each judge dimension's mean per agent, a bar scaled to the dimension's range."""
     from dat.judges import SOTOPIA_DIMENSIONS
 
@@ -121,7 +118,7 @@ def dimension_bars(results: dict) -> str:
         dims = list(dict.fromkeys(d for v in per_agent.values() for d in v))
         if not dims:
             continue
-        head = "".join(f"<th>{_text(n)}</th>" for n in per_agent)
+        head = "".join(f"<th>{escape_html(n)}</th>" for n in per_agent)
         rows = []
         for d in dims:
             lo, hi = ranges.get(d, (0.0, 1.0))
@@ -132,27 +129,30 @@ def dimension_bars(results: dict) -> str:
                     cells.append("<td>–</td>")
                     continue
                 cells.append(f"<td>{_bar((s['mean'] - lo) / (hi - lo))}"
-                             f"{_text(mean_se_text(s, 2))}</td>")
-            rows.append(f"<tr><td>{_text(d)} ({lo:.3g}..{hi:.3g})</td>{''.join(cells)}</tr>")
-        parts.append(f"<h2>Judge dimensions: {_text(side)} agent</h2><table class='results'>"
+                             f"{escape_html(mean_se_text(s, 2))}</td>")
+            rows.append(f"<tr><td>{escape_html(d)} ({lo:.3g}..{hi:.3g})</td>{''.join(cells)}</tr>")
+        parts.append(f"<h2>Judge dimensions: {escape_html(side)} agent</h2><table class='results'>"
                      f"<thead><tr><th>dimension</th>{head}</tr></thead>"
                      f"<tbody>{''.join(rows)}</tbody></table>")
     return "".join(parts)
 
 
-def per_scenario_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def _per_scenario_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Mean episode reward per scenario (rows) and agent (columns)."""
     names = list(results["agents"])
     means: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    episodes: dict[str, int] = defaultdict(int)
     for name in names:
         for row in results["agents"][name].get("per_episode", []):
+            if name == names[0]:  # every agent runs the same episodes
+                episodes[row["scenario_id"]] += 1
             if not row.get("judge_failed") and row.get("total_reward") is not None:
                 means[row["scenario_id"]][name].append(row["total_reward"])
     order = list(dict.fromkeys(results.get("scenario_ids", [])))
     order += [s for s in means if s not in order]
     rows = []
     for sid in order:
-        cells = [sid, str(sum(len(means[sid][n]) for n in names[:1]))]
+        cells = [sid, str(episodes[sid])]
         for n in names:
             vals = means[sid][n]
             cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "–")
@@ -160,7 +160,7 @@ def per_scenario_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return ["scenario", "episodes"] + names, rows
 
 
-def cli_command() -> str | None:
+def _cli_command() -> str | None:
     """The ``dat ...`` command line of this process, None when dat runs as a library."""
     exe = Path(sys.argv[0]).name if sys.argv else ""
     if exe != "dat" and not sys.argv[0].endswith(("dat/cli.py", "dat/__main__.py")):
@@ -168,7 +168,7 @@ def cli_command() -> str | None:
     return " ".join(shlex.quote(a) for a in ["dat", *sys.argv[1:]])
 
 
-def run_details(results: dict, command: str | None) -> str:
+def _run_details(results: dict, command: str | None) -> str:
     """The command, the settings and the versions that produced the results."""
     import torch
     import transformers
@@ -185,9 +185,9 @@ def run_details(results: dict, command: str | None) -> str:
              ("versions", (f"dat {__version__}, python {platform.python_version()}, torch "
                            f"{torch.__version__}, transformers {transformers.__version__}, "
                            f"{platform.platform()}"))]
-    rows = "".join(f"<tr><th>{_text(k)}</th><td><code>{_text(v)}</code></td></tr>"
+    rows = "".join(f"<tr><th>{escape_html(k)}</th><td><code>{escape_html(v)}</code></td></tr>"
                    for k, v in items)
-    agents = "".join(f"<tr><th>{_text(n)}</th><td><code>{_text(json.dumps(a.get('spec')))}"
+    agents = "".join(f"<tr><th>{escape_html(n)}</th><td><code>{escape_html(json.dumps(a.get('spec')))}"
                      "</code></td></tr>" for n, a in results["agents"].items())
     return f"<table class='meta'>{rows}{agents}</table>"
 
@@ -199,23 +199,23 @@ def format_report_page(results: dict, runs: dict, out_dir: str | Path, samples: 
     level = round(100 * results.get("ci_level", 0.95))
     title = f"dat evaluation: {results['setting']} ({results['split']} split)"
     ids, dialogues = samples_table(results, runs, samples)
-    scen_head, scen_rows = per_scenario_rows(results)
+    scen_head, scen_rows = _per_scenario_rows(results)
     summary = (f"{results['episodes']} episodes per agent, paired (same scenarios, episode ids "
                f"and seed {results['seed']}). Reward: mean ± SE with a {level} % bootstrap CI; "
                f"Δ: paired difference to {results.get('baseline')} with its CI.")
     return "\n".join([
         "<!DOCTYPE html>", "<html lang='en'>",
-        (f"<head><meta charset='utf-8'><title>{_text(title)}</title>"
+        (f"<head><meta charset='utf-8'><title>{escape_html(title)}</title>"
          f"<style>{PAGE_CSS}</style></head>"),
-        f"<body><h1>{_text(title)}</h1><p class='meta'>{_text(summary)}</p>",
+        f"<body><h1>{escape_html(title)}</h1><p class='meta'>{escape_html(summary)}</p>",
         "<h2>Results</h2>", _table(*main_table(results), "results"),
-        asr_bars(results), dimension_bars(results),
-        "<h2>Plots</h2>", embedded_plots(results, out) or "<p class='meta'>(no plots)</p>",
+        _asr_bars(results), _dimension_bars(results),
+        "<h2>Plots</h2>", _embedded_plots(results, out) or "<p class='meta'>(no plots)</p>",
         "<h2>Per scenario</h2><p class='meta'>Mean episode reward; click a column to sort.</p>",
         _table(scen_head, scen_rows, "scen"),
         (f"<h2>Sample dialogues</h2><p class='meta'>{len(ids)} of {results['episodes']} "
          f"episodes.</p>"), dialogues,
-        "<h2>How this was made</h2>", run_details(results, command),
+        "<h2>How this was made</h2>", _run_details(results, command),
         f"<script>{SORT_SCRIPT}</script>", "</body></html>", ""])
 
 
@@ -241,5 +241,5 @@ def write_report(results: dict, runs: dict, out_dir: str | Path, samples: int = 
     atomic_write_text(out / "samples.html", format_samples_html(results, runs, samples))
     atomic_write_text(out / "results.md", format_markdown(results))
     atomic_write_text(out / "report.html",
-                      format_report_page(results, runs, out, samples, cli_command()))
+                      format_report_page(results, runs, out, samples, _cli_command()))
     return files

@@ -313,10 +313,9 @@ def serve_command(
         torch.set_num_threads(threads)
     engine = Engine.load(model, planner, device=device, dtype=dtype, backend=backend,
                          precision=precision)
-    chosen = getattr(engine.lm, "precision", None)
-    log.info("model %s on %s, planner %s, serving %s%s", engine.lm.name, engine.lm.device,
+    log.info("model %s on %s, planner %s, serving %s, %s", engine.lm.name, engine.lm.device,
              engine.planner_path or "none (plain)", served_model_name,
-             f", {chosen.describe()}" if chosen is not None else "")
+             engine.lm.precision.describe())
     app = create_app(engine, config, api_key)
     # In-flight requests get a few seconds on shutdown; then their rows are cancelled.
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)

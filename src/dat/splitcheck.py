@@ -20,7 +20,8 @@ def check_split(agent: str, spec: AgentSpec, setting: Setting, split: str,
                 test_ids: Iterable[str]) -> dict:
     """Raise :class:`DatError` if the planner of ``spec`` was trained on any of ``test_ids``.
     Returns ``{"status": "ok" | "unknown" | "not-applicable" | "other-setting" |
-    "per-scenario", ...}``: "unknown" (with a warning) when the folder has no provenance."""
+    "per-scenario", ...}``: "unknown" (with a warning) when the folder's provenance is
+    missing or names no scenarios."""
     d = spec.planner_dir()
     if d is None:
         return {"status": "not-applicable"}
@@ -28,10 +29,10 @@ def check_split(agent: str, spec: AgentSpec, setting: Setting, split: str,
         ScenarioAgents.load(d).check_scenarios(test_ids)
         return {"status": "per-scenario", "note": "trained and tested on the same scenarios"}
     prov = Provenance.read(d)
-    if prov is None:
-        log.warning("%s: %s has no %s, so its training scenarios are unknown and it cannot be "
-                    "checked against the %r split. Record them with: from dat.provenance import "
-                    "Provenance; Provenance(kind=\"planner\", setting=%r, scenario_ids=[...])"
+    if prov is None or not prov.scenario_ids:  # no record, or one that knows no scenarios
+        log.warning("%s: %s has no %s naming scenarios, so its training scenarios are unknown "
+                    "and it cannot be checked against the %r split. Record them with: "
+                    "from dat.provenance import Provenance; Provenance(kind=\"planner\", setting=%r, scenario_ids=[...])"
                     ".write(%r)", agent, d, PROVENANCE_FILE, split, setting.name, str(d))
         return {"status": "unknown", "sources": []}
     sources = [str(d / PROVENANCE_FILE)]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from dat.decoding import Batch, KVDecoder, OnStep, ResidualVectors, base_model
 from dat.errors import ContextLengthError, DatError
 from dat.kvcache import PrefixCache, slab_cache, supports_slab, take
-from dat.models import DEFAULT_MODEL, load_model
+from dat.models import DEFAULT_MODEL, load_model, resolve_dtype
 
 TokenPosition = Literal["prefix", "infix", "suffix"]
 POSITIONS = ("prefix", "infix", "suffix")
@@ -135,14 +135,17 @@ class SteeredLM:
         """``precision="fast"`` (:mod:`dat.precision`): bf16 where the hardware has it natively,
         int8 linear layers otherwise; an explicit ``dtype`` other than ``"auto"`` wins."""
         from dat.models import resolve_device
-        from dat.precision import apply, choose
+        from dat.precision import choose, quantize_linear
 
         choice = choose(precision, resolve_device(device))
         if precision != "exact" and dtype == "auto":
             dtype = choice.dtype
+        elif choice.int8_linear and resolve_dtype(dtype) != torch.float32:
+            raise DatError(f"--precision {precision} quantises float32 linear layers; "
+                           f"it cannot be combined with dtype {dtype}.")
         model, tokenizer, name = load_model(name_or_path, device=device, dtype=dtype)
-        if precision != "exact":
-            model = apply(model, choice)
+        if choice.int8_linear:
+            model = quantize_linear(model)
         lm = cls(model, tokenizer, name=name, max_context=max_context, truncation=truncation)
         lm.precision = choice
         return lm
@@ -511,6 +514,10 @@ class SteeredLM:
         dialogues = _check_batch(dialogues)
         if len(targets) != len(dialogues):
             raise DatError(f"{len(targets)} targets for {len(dialogues)} dialogues.")
+        if (actions is not None and actions.requires_grad and self.precision is not None
+                and self.precision.int8_linear):
+            raise DatError("int8 linear layers pass no gradient to the actions: train (dat clone) "
+                           "with --precision exact or bf16.")
         target_ids = [self.reply_ids(d, t) for d, t in zip(dialogues, targets)]
         reserve = max(len(t) for t in target_ids)
         _, ids, insert_at, actions = self.prepare(dialogues, actions, position, reserve)

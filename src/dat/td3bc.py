@@ -414,6 +414,9 @@ def train(data: TransitionDataset, out_dir: str | os.PathLike, config: TD3BCConf
     config = config or TD3BCConfig()
     config.validate()
     out = Path(out_dir)
+    if init is not None and not isinstance(init, Planner) and Path(init).resolve() == out.resolve():
+        raise DatError(f"--out {out} is the starting planner (--init): training would overwrite "
+                       "it. Choose another --out.")
     if not config.per_scenario:
         result = _train_one(data, out, config, init, up_mapping, label=RUN)
         planners = [result.planner]
@@ -449,14 +452,12 @@ def scenario_folder_name(sid: str, taken: set[str] = frozenset()) -> str:
 
 def _train_one(data: TransitionDataset, out: Path, config: TD3BCConfig, init, up_mapping,
                label: str) -> TD3BCResult:
-    if init is not None and not isinstance(init, Planner) and Path(init).resolve() == out.resolve():
-        raise DatError(f"--out {out} is the starting planner (--init): training would overwrite "
-                       "it. Choose another --out.")
     device = resolve_device(config.device)
     planner, up, what = starting_planner(init, up_mapping, data, act_norm=config.act_norm,
                                          position=config.position, seed=config.seed,
                                          check_model=config.check_model)
     agent = TD3BC(planner, config, device)
+    fingerprint = data.fingerprint()  # on the CPU, before the move to the device
     data = copy.copy(data).to(device)  # shallow copy: the caller's dataset stays where it is
     n, bs = len(data), config.batch_size
     steps_per_epoch = math.ceil(n / bs)
@@ -465,7 +466,7 @@ def _train_one(data: TransitionDataset, out: Path, config: TD3BCConfig, init, up
         total = min(total, config.max_steps)
 
     checkpoints = training.CheckpointDir(out / training.CHECKPOINTS_DIR, "step", digits=8)
-    identity = training.run_identity(config, NOT_RUN_DEFINING, data=data.fingerprint(),
+    identity = training.run_identity(config, NOT_RUN_DEFINING, data=fingerprint,
                                      transitions=n, init=init_fingerprint(init))
     last, _ = training.start_run(out, checkpoints, identity, resume=config.resume,
                                  overwrite=config.overwrite)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dat.agent import SCENARIOS_INDEX
-from dat.buffer import identity_diff
+from dat.buffer_format import identity_diff
 from dat.errors import DatError
 from dat.fileio import atomic_write, atomic_write_text
 from dat.planner import CONFIG_NAME

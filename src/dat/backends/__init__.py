@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from dat.backends.base import (
     BACKENDS,
     VLLM_INSTALL,
@@ -19,6 +21,7 @@ from dat.backends.base import (
     check_prompt_embeds,
     require_vllm,
 )
+from dat.errors import DatError
 
 
 def make_lm(model: str = "default", backend: str = "hf", device: str = "auto",
@@ -35,10 +38,18 @@ def make_lm(model: str = "default", backend: str = "hf", device: str = "auto",
         return SteeredLM.from_pretrained(model, device=device, dtype=dtype, precision=precision,
                                          **kwargs)
     from dat.backends.vllm_lm import VLLMSteeredLM
+    from dat.models import resolve_device
+    from dat.precision import choose
 
-    if precision == "fast" and dtype == "auto":
-        dtype = "bfloat16"  # vLLM's own kernels; int8 needs a quantised checkpoint there
-    return VLLMSteeredLM.from_pretrained(model, device=device, dtype=dtype, **kwargs)
+    choice = choose(precision, resolve_device(device))
+    if choice.int8_linear:  # vLLM has its own kernels; int8 needs a quantised checkpoint there
+        raise DatError(f"--backend vllm: --precision {precision} means int8 linear layers here, "
+                       "which only the hf backend runs; use exact or bf16.")
+    if precision != "exact" and dtype == "auto":
+        dtype = "bfloat16" if choice.dtype == torch.bfloat16 else "float16"
+    lm = VLLMSteeredLM.from_pretrained(model, device=device, dtype=dtype, **kwargs)
+    lm.precision = choice
+    return lm
 
 
 __all__ = ["BACKENDS", "VLLM_INSTALL", "SteeringBackend", "check_backend", "check_prompt_embeds",

@@ -13,18 +13,17 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from dat.envs.base import Episode, Reward, Scenario, Setting, hash_split
+from dat.envs.datafiles import not_text, read_text
 from dat.errors import DatError
 
 COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString",
            "BehaviorID")
 SKIPPED_CATEGORIES = ("copyright", "multimodal")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 log = logging.getLogger("dat.envs.redteam")
 
 GREETING = "Hello! How can I help you today?"
@@ -52,8 +51,6 @@ def load_behaviors(path: str | Path,
     counts), ``"include"`` (keep them) or ``"error"`` (refuse a file that has any).
     Errors name the file, the row (its line number) and the column.
     """
-    from dat.envs.datafiles import read_text
-
     if contextual not in CONTEXTUAL_MODES:
         raise DatError(f"contextual must be 'skip', 'include' or 'error', got {contextual!r}")
     path = Path(path)
@@ -80,7 +77,7 @@ def _parse_behaviors(path: Path, f, contextual: str, utf8_error: str | None):
 
     def bad_text(where: str, labels, values):
         for label, value in zip(labels, values):
-            if _SURROGATE.search(value):
+            if not_text(value):
                 raise DatError(f"{where}: {label}: "
                                f"{utf8_error or 'contains a lone surrogate, not text'}")
             if len(value) > MAX_FIELD_CHARS:
@@ -112,7 +109,7 @@ def _parse_behaviors(path: Path, f, contextual: str, utf8_error: str | None):
                 for i in range(len(header), len(fields))]
             i_id = header.index("BehaviorID")
             first_id = fields[i_id].strip() if i_id < len(fields) else ""
-            ok_id = first_id and len(first_id) <= 200 and not _SURROGATE.search(first_id)
+            ok_id = first_id and len(first_id) <= 200 and not not_text(first_id)
             bad_text(where + (f" (BehaviorID {first_id!r})" if ok_id else ""), labels, fields)
             if len(fields) > len(header):
                 raise DatError(f"{where}: has more fields than the header's {len(header)} "
