@@ -55,6 +55,12 @@ def test_without_native_bf16_fast_quantises_the_linear_layers(monkeypatch, defau
     nll_fast = default_lm.loss(chat, [text]).item()
     nll_exact = default_lm.loss(chat, default_lm.generate(chat, max_new_tokens=12)).item()
     assert nll_fast < nll_exact + 1.5
+    # int8 layers pass no gradient: training through them is refused, not silently a no-op
+    actions = torch.zeros(1, 2, lm.hidden_size, requires_grad=True)
+    with pytest.raises(DatError, match="no gradient"):
+        lm.loss(chat, [text], actions=actions)
+    with pytest.raises(DatError, match="cannot be combined with dtype bfloat16"):
+        SteeredLM.from_pretrained("default", device="cpu", precision="int8", dtype="bfloat16")
 
 
 def test_fast_runs_end_to_end_in_tiny_mode(tmp_path):
