@@ -382,6 +382,36 @@ def test_disconnected_stream_frees_its_row(server):
     assert time.monotonic() - t0 < 30
 
 
+def test_short_request_joins_a_running_stream_and_finishes_first(server):
+    # continuous batching over HTTP: the short request joins the long stream's running batch
+    assert server.health()["batching"] == "continuous"
+    before = server.health()["joined_running"]
+    body = {"model": "dat-plain", "messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 80, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    done = {}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ") and next(lines) == ""  # role chunk
+        next(lines)  # first token: the long reply is decoding
+
+        def short():
+            done["short"] = complete(server, COLOR, model="dat-plain", max_tokens=3)
+            done["short_at"] = time.monotonic()
+
+        thread = threading.Thread(target=short)
+        thread.start()
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+        done["long_at"] = time.monotonic()
+        thread.join(60)
+    assert done["short_at"] < done["long_at"]
+    assert done["short"]["dat"]["batch_size"] == 2
+    final = next(c for c in chunks if "dat" in c)
+    usage = next(c for c in chunks if c.get("usage"))["usage"]
+    assert final["dat"]["batch_size"] == 2 and usage["completion_tokens"] > 40
+    assert server.health()["joined_running"] == before + 1
+
+
 # ---------------------------------------------------------------------- clients
 def test_partner_and_yes_no_judge_against_server(server, monkeypatch):
     from dat.envs.base import Reward

@@ -213,3 +213,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> torc
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of ``logits`` ``[B, vocab]`` as :meth:`KVDecoder.decode`
+    picks it: argmax at ``temperature`` 0, else nucleus sampling drawn from ``generator``."""
+    return _sample(logits, temperature, top_p, generator)
+
+
+def step_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> StepLogprobs:
+    """Log-probabilities of the ``chosen`` tokens under ``logits`` (raw, before temperature
+    and top-p) and the ``k`` most likely tokens of each row."""
+    return _step_logprobs(logits, chosen, k)

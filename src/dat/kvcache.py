@@ -126,3 +126,22 @@ def slab_cache(model, rows: list[PrefixCache | None] | None, reuse: list[int] | 
 def take(cache, row: int, columns: torch.Tensor) -> torch.Tensor:
     """The keys and values of ``columns`` of one row: ``[layers, 2, kv_heads, n, head_dim]``."""
     return cache.slab[:, :, row].index_select(3, columns.to(cache.slab.device))
+
+
+def slab_view_cache(model, kv: torch.Tensor, filled: int) -> object:
+    """A ``DynamicCache`` whose layers write into ``kv`` ``[layers, 2, B, kv_heads, capacity,
+    head_dim]``, typically a view (some rows, columns from some offset on) of a larger slab
+    that the caller owns; its first ``filled`` positions count as cached. Used by
+    :mod:`dat.continuous` to prefill new rows in place and to decode the live rows."""
+    from transformers import DynamicCache
+
+    layer = _slab_layer_class()
+    cache = DynamicCache(config=model.config)
+    cache.layers = [layer(kv[k, 0], kv[k, 1], filled) for k in range(kv.shape[0])]
+    cache.slab = kv
+    return cache
+
+
+def cache_shape(model) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of the model's KV cache."""
+    return _cache_shape(model)

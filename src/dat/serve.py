@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from dat.errors import DatError
-from dat.serve_batcher import Batcher
+from dat.serve_batcher import BATCHING, Batcher
 from dat.serve_engine import Engine, Job
 from dat.serve_schema import (
     Params,
@@ -56,6 +56,7 @@ class ServeConfig:
     backend: str = "hf"  # generation backend: hf | vllm (see dat.backends)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies are refused with a 413
     precision: str = "exact"  # "fast": bf16 / int8 where the hardware has it (dat.precision)
+    batching: str = "continuous"  # or "static": each batch decodes to the end (dat.serve_batcher)
 
     def validate(self) -> None:
         from dat.backends import check_backend
@@ -75,6 +76,8 @@ class ServeConfig:
             raise DatError("served_model_name must not be empty.")
         if self.max_body_bytes < 1:
             raise DatError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}.")
+        if self.batching not in BATCHING:
+            raise DatError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}.")
 
 
 def read_api_key(env_var: str | None) -> str | None:
@@ -107,7 +110,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, api_key: str |
     config = config or ServeConfig()
     config.validate()
     schema = request_schema()
-    batcher = Batcher(engine, config.max_batch, config.max_wait_ms)
+    batcher = Batcher(engine, config.max_batch, config.max_wait_ms, config.batching)
     name = config.served_model_name
     models = {name: engine.planner is not None}
     if engine.planner is not None:
@@ -156,8 +159,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None, api_key: str |
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": engine.lm.name, "planner": engine.planner_path,
-                "served_models": list(models), "queued": batcher.queue.qsize(),
-                "active": len(batcher.active), "max_batch": config.max_batch,
+                "served_models": list(models), "queued": batcher.queued,
+                "active": len(batcher.active), "batching": batcher.batching,
+                "max_batch": config.max_batch,
                 "max_wait_ms": config.max_wait_ms, **batcher.stats}
 
     @app.get("/v1/models")
@@ -288,18 +292,21 @@ def serve_command(
     backend: str = "hf",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     precision: str = "exact",
+    batching: str = "continuous",
 ) -> None:
     """Load the model (and planner) and serve it until interrupted.
 
     ``threads`` sets torch's intra-op threads; on a CPU shared with other jobs, fewer
-    threads than cores avoids oversubscription, which hurts large batches the most."""
+    threads than cores avoids oversubscription, which hurts large batches the most.
+    ``batching``: "continuous" (requests join and leave the running decode batch at every
+    step; the vLLM backend falls back to static) or "static" (each batch decodes to the end)."""
     from dat.models import require
 
     require("fastapi", install="pip install 'dat[serve]'", purpose="dat serve")
     uvicorn = require("uvicorn", install="pip install 'dat[serve]'", purpose="dat serve")
     config = ServeConfig(model, planner, host, port, api_key_env, max_batch, max_wait_ms,
                          served_model_name, default_max_tokens, device, dtype, threads, log_level,
-                         backend, max_body_bytes, precision)
+                         backend, max_body_bytes, precision, batching)
     config.validate()
     api_key = read_api_key(api_key_env)  # fail before loading the model
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),

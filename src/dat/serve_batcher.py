@@ -1,36 +1,69 @@
 """The batching scheduler of ``dat serve``: one worker thread owns the model.
 
-When free, the worker takes the queued :class:`~dat.serve_engine.Job` objects, waits at most
-``max_wait_ms`` for more (up to ``max_batch``), groups them by what one decoding call must
-share (:meth:`~dat.serve_engine.Job.group_key`) and runs each group through
-:meth:`~dat.serve_engine.Engine.run`. docs/serve.md ("How requests are batched") explains why.
+Continuous batching (the default where the backend allows it): the worker keeps one running
+decode batch (:class:`~dat.serve_engine.RunningReplies`). Between two decoding steps, queued
+jobs join it (prefilled as their own batch, then merged) and finished or cancelled rows leave
+it, so nobody waits for a batch to drain. When idle, the worker waits at most ``max_wait_ms``
+after the first job for more; while decoding, a job joins at the first step boundary once it
+has waited ``max_wait_ms`` (or at once when it fills the batch), so that newcomers arriving
+together share one prefill.
+
+Static batching (``batching="static"``, and backends that replace ``decode``, such as vLLM):
+when free, the worker takes the queued jobs, waits at most ``max_wait_ms`` for more (up to
+``max_batch``), groups them by what one decoding call must share
+(:meth:`~dat.serve_engine.Job.group_key`) and runs each group through
+:meth:`~dat.serve_engine.Engine.run` to the end. docs/serve.md ("How requests are batched")
+explains why.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
 import time
 
-from dat.serve_engine import Engine, Job
+from dat.errors import DatError
+from dat.serve_engine import Engine, Job, RunningReplies
 
 log = logging.getLogger("dat.serve")
 
+BATCHING = ("continuous", "static")
+
 
 class Batcher:
-    """A worker thread that runs queued jobs in dynamic batches."""
+    """A worker thread that runs queued jobs in dynamic batches.
 
-    def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 10.0):
+    ``batching`` is "continuous" or "static"; "continuous" falls back to "static" (with a
+    warning) on an engine that cannot do it (:attr:`~dat.serve_engine.Engine.continuous`).
+    :attr:`batching` is the mode in use."""
+
+    def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 10.0,
+                 batching: str = "continuous"):
+        if batching not in BATCHING:
+            raise DatError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}.")
+        if batching == "continuous" and not engine.continuous:
+            log.warning("continuous batching needs the hf backend and a full-attention cache; "
+                        "%s batches statically (each batch decodes to the end).", engine.lm.name)
+            batching = "static"
         self.engine = engine
+        self.batching = batching
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.waiting: collections.deque[Job] = collections.deque()  # taken off the queue, not admitted
         self.active: list[Job] = []
         self.stats = {"requests": 0, "batches": 0, "generate_calls": 0, "largest_batch": 0,
-                      "cancelled": 0, "errors": 0}
+                      "cancelled": 0, "errors": 0, "joined_running": 0, "steps": 0}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dat-serve-batcher", daemon=True)
+        loop = self._loop_continuous if batching == "continuous" else self._loop_static
+        self._thread = threading.Thread(target=loop, name="dat-serve-batcher", daemon=True)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting to be decoded."""
+        return self.queue.qsize() + len(self.waiting)
 
     def start(self) -> None:
         self._thread.start()
@@ -64,7 +97,78 @@ class Batcher:
             jobs.append(job)
         return jobs
 
-    def _loop(self) -> None:
+    # ------------------------------------------------------------------ continuous
+    def _loop_continuous(self) -> None:
+        run = self.engine.running()
+        try:
+            while not self._stop.is_set():
+                if not len(run) and not self.waiting:
+                    first = self.queue.get()
+                    if first is None:
+                        break
+                    self.waiting.extend(self._collect(first))
+                elif not self._drain():
+                    break
+                self._admit(run)
+                self.active = run.jobs
+                if len(run):
+                    self._step(run)
+                    self.active = run.jobs
+        finally:
+            run.abort()
+            self.active = []
+
+    def _drain(self) -> bool:
+        """Move every queued job to ``waiting``; False when the stop sentinel came."""
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            self.waiting.append(job)
+
+    def _admit(self, run: RunningReplies) -> None:
+        room = self.max_batch - len(run)
+        if room <= 0 or not self.waiting:
+            return
+        if (len(run) and len(self.waiting) < room
+                and time.monotonic() - self.waiting[0].queued_at < self.max_wait):
+            return  # let a few more arrive: one prefill for all of them
+        jobs = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        live = [j for j in jobs if not j.cancelled]
+        self.stats["cancelled"] += len(jobs) - len(live)
+        if not live:
+            return
+        self.stats["batches"] += 1
+        if len(run):
+            self.stats["joined_running"] += len(live)
+        groups: dict[bool, list[Job]] = {}
+        for j in live:
+            groups.setdefault(j.steered, []).append(j)
+        for group in groups.values():
+            self.stats["generate_calls"] += 1
+            try:
+                self.stats["cancelled"] += run.join(group).count("cancelled")
+            except Exception as exc:  # the worker must survive: fail these requests only
+                self.stats["errors"] += 1
+                log.exception("prefill failed for %d requests", len(group))
+                for j in group:
+                    j.post("error", f"{type(exc).__name__}: {exc}")
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(run))
+
+    def _step(self, run: RunningReplies) -> None:
+        try:
+            self.stats["cancelled"] += run.step().count("cancelled")
+            self.stats["steps"] += 1
+        except Exception as exc:  # the worker must survive: fail the running rows only
+            self.stats["errors"] += 1
+            log.exception("decoding step failed for a batch of %d", len(run))
+            run.fail(f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ static
+    def _loop_static(self) -> None:
         while not self._stop.is_set():
             first = self.queue.get()
             if first is None:

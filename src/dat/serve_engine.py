@@ -1,9 +1,11 @@
-"""The model side of ``dat serve``: admitting requests and decoding a group of them together.
+"""The model side of ``dat serve``: admitting requests and decoding them together.
 
-:class:`Engine` templates and checks each request against the context (:meth:`Engine.admit`)
-and decodes a group of compatible :class:`Job` objects in one batched call
-(:meth:`Engine.run`); :class:`ReplyState` follows one request's reply token by token (stop
-strings, its own token limit, cancellation, streamed text and logprobs).
+:class:`Engine` templates and checks each request against the context (:meth:`Engine.admit`).
+With continuous batching (the ``hf`` backend), :class:`RunningReplies` keeps one decode batch
+that requests join and leave at every step (:mod:`dat.continuous`); otherwise
+:meth:`Engine.run` decodes a group of compatible :class:`Job` objects in one batched call.
+:class:`ReplyState` follows one request's reply token by token (stop strings, its own token
+limit, cancellation, streamed text and logprobs).
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class Job:
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     cancelled: bool = False  # set by the handler when the client is gone
+    queued_at: float = field(default_factory=time.monotonic)
 
     def group_key(self) -> tuple:
-        """Jobs with the same key can share one decoding call: steered or not, and greedy or
-        the same temperature, top-p and seed."""
+        """Jobs with the same key can share one (static) decoding call: steered or not, and
+        greedy or the same temperature, top-p and seed."""
         p = self.params
         if p.temperature == 0:
             return (self.steered, "greedy")
@@ -63,7 +66,8 @@ def _stop_string_start(text: str, stops: list[str]) -> int:
 
 
 class ReplyState:
-    """Decoding state of one request inside a batch."""
+    """Decoding state of one request inside a batch. ``batch_size``: the most rows decoded
+    together while this one was live."""
 
     def __init__(self, job: Job, engine: Engine, batch_size: int):
         self.job, self.engine, self.batch_size = job, engine, batch_size
@@ -218,27 +222,53 @@ class Engine:
         return ids, insert_at, max_tokens
 
     # -------------------------------------------------------------- decoding
-    def run(self, jobs: list[Job]) -> list[str]:
-        """Decode one group of compatible jobs in a single batched call; return each row's
-        finish reason ("stop", "length" or "cancelled")."""
+    @property
+    def continuous(self) -> bool:
+        """Whether requests can join a running decode batch: the ``hf`` decoder (a backend
+        that replaces ``decode``, such as vLLM, cannot) on a model whose cache fits the slab
+        layout (plain full attention)."""
+        from dat.steer import SteeredLM
+
+        lm = self.lm
+        return (isinstance(lm, SteeredLM) and type(lm).decode is SteeredLM.decode
+                and bool(lm.supports_prefix_cache))
+
+    def info(self, steered: bool) -> dict:
+        """What steered a reply (the ``dat`` fields of the response)."""
+        return {"steered": steered, "planner": self.planner_path if steered else None,
+                "action_tokens": self.n_action_tokens if steered else 0,
+                "position": position_name(self.position) if steered else None}
+
+    def make_batch(self, jobs: list[Job]):
+        """The left-padded batch of ``jobs`` (all steered or all plain), with the planner's
+        actions in place for steered ones."""
         import torch
 
         lm = self.lm
         steered = jobs[0].steered
-        p = jobs[0].params
-        seed = p.seed if p.seed is not None else secrets.randbits(31)
         actions = None
         with torch.no_grad():
             if steered:
                 state = lm.state([j.params.messages for j in jobs])
                 actions = self.agent.embed(self.agent.act(state))
-            batch = lm.make_batch([j.ids for j in jobs],
-                                  [j.insert_at for j in jobs] if steered else None,
-                                  actions, position=self.position if steered else None)
+            return lm.make_batch([j.ids for j in jobs],
+                                 [j.insert_at for j in jobs] if steered else None,
+                                 actions, position=self.position if steered else None)
+
+    def running(self) -> RunningReplies:
+        """An empty continuous decode batch (see :attr:`continuous`)."""
+        return RunningReplies(self)
+
+    def run(self, jobs: list[Job]) -> list[str]:
+        """Decode one group of compatible jobs in a single batched call (static batching);
+        return each row's finish reason ("stop", "length" or "cancelled")."""
+        lm = self.lm
+        steered = jobs[0].steered
+        p = jobs[0].params
+        seed = p.seed if p.seed is not None else secrets.randbits(31)
+        batch = self.make_batch(jobs)
         rows = [ReplyState(j, self, len(jobs)) for j in jobs]
-        info = {"steered": steered, "planner": self.planner_path if steered else None,
-                "action_tokens": self.n_action_tokens if steered else 0,
-                "position": position_name(self.position) if steered else None}
+        info = self.info(steered)
         want = [j.params.top_logprobs for j in jobs if j.params.top_logprobs is not None]
         top_k = max(want) if want else None
 
@@ -266,6 +296,85 @@ class Engine:
                 row.finish = "length"
                 row.complete(info)
         return [row.finish for row in rows]
+
+
+class RunningReplies:
+    """The requests being decoded by continuous batching: one
+    :class:`~dat.continuous.RunningBatch` whose rows are :class:`ReplyState` objects. Rows
+    join at any step (:meth:`join`) and leave as soon as they are finished."""
+
+    def __init__(self, engine: Engine):
+        from dat.continuous import RunningBatch
+
+        self.engine = engine
+        self.batch = RunningBatch(engine.lm)
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [row.job for row in self.batch.owners]
+
+    def join(self, jobs: list[Job]) -> list[str]:
+        """Prefill ``jobs`` (all steered or all plain) into the running batch; return the
+        finish reasons of those already finished by their first token. On an exception the
+        running rows are untouched and none of ``jobs`` has joined."""
+        import torch
+
+        from dat.continuous import Sampling
+
+        batch = self.engine.make_batch(jobs)
+        rows = [ReplyState(j, self.engine, 0) for j in jobs]
+        sampling = [Sampling(j.params.temperature, j.params.top_p, j.params.seed) for j in jobs]
+        with torch.no_grad():
+            result = self.batch.add(batch, sampling, rows, self._top_k(rows))
+        return self._take(result)
+
+    def step(self) -> list[str]:
+        """One decoding step of every running row; return the finish reasons of the rows that
+        finished (they have left the batch)."""
+        import torch
+
+        with torch.no_grad():
+            result = self.batch.step(self._top_k(self.batch.owners))
+        return self._take(result)
+
+    def fail(self, message: str) -> None:
+        """Answer every running row with an error and empty the batch."""
+        for row in self.batch.owners:
+            row.job.post("error", message)
+        self.batch.clear()
+
+    def abort(self) -> None:
+        """Finish every running row as cancelled (the server is stopping)."""
+        for row in self.batch.owners:
+            row.finish = "cancelled"
+            row.complete(self.engine.info(row.job.steered))
+        self.batch.clear()
+
+    @staticmethod
+    def _top_k(rows) -> int | None:
+        want = [r.job.params.top_logprobs for r in rows if r.job.params.top_logprobs is not None]
+        return max(want) if want else None
+
+    def _take(self, result) -> list[str]:
+        size = len(self.batch)
+        lps = result.logprobs
+        done = []
+        for i, row in enumerate(result.rows):
+            row.batch_size = max(row.batch_size, size)
+            lp = None
+            k = row.job.params.top_logprobs
+            if lps is not None and k is not None:
+                lp = (lps.logprob[i], list(zip(lps.top_ids[i][:k], lps.top_logprobs[i][:k])))
+            if row.push(result.tokens[i], lp):
+                done.append(row)
+                row.complete(self.engine.info(row.job.steered))
+            else:
+                row.stream_delta()
+        self.batch.remove(done)
+        return [row.finish for row in done]
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
