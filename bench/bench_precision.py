@@ -7,12 +7,18 @@ test partners, 3 rounds, 48 new tokens, greedy, batch 32, default model):
 * same language: perplexity of each precision's steered replies under the *exact* model.
 
 The steered agent is unsteered by default, or ``--agent DIR`` (a trained planner).
+``--emulate-avx2`` measures what ``fast`` does on a CPU without native bf16: it reruns itself
+with ATen and oneDNN kernels limited to AVX2 (``ATEN_CPU_CAPABILITY=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``) and times the fallback ``fast`` picks there (int8 linear
+layers). FBGEMM, which runs the int8 products, picks its own kernels, so on an AVX-512 CPU
+this is an approximation of an AVX2-only machine, labelled as such.
 Run: python bench/bench_precision.py [--episodes 64] [--agent runs/quickstart/dat-residual]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +30,7 @@ from common import report  # noqa: E402
 
 from dat.agent import load_agent  # noqa: E402
 from dat.envs import make  # noqa: E402
-from dat.precision import cpu_flags  # noqa: E402
+from dat.precision import BF16_FLAGS, choose, cpu_flags  # noqa: E402
 from dat.quality import perplexity  # noqa: E402
 from dat.rollout import Rollout, RolloutConfig, episode_jobs  # noqa: E402
 from dat.stats import paired_difference  # noqa: E402
@@ -33,9 +39,9 @@ from dat.steer import SteeredLM  # noqa: E402
 ROUNDS, NEW_TOKENS, BATCH = 3, 48, 32
 
 
-def run(lm, setting, jobs, agent_dir):
+def run(lm, setting, jobs, agent_dir, batch=BATCH):
     agent = load_agent(agent_dir, lm) if agent_dir else None
-    cfg = RolloutConfig(batch_size=BATCH, rounds=ROUNDS, max_new_tokens=NEW_TOKENS, seed=0)
+    cfg = RolloutConfig(batch_size=batch, rounds=ROUNDS, max_new_tokens=NEW_TOKENS, seed=0)
     Rollout(lm, setting, agent=agent, config=RolloutConfig(batch_size=2, rounds=1,
                                                            max_new_tokens=4)).run(jobs[:2])
     r = Rollout(lm, setting, agent=agent, config=cfg)
@@ -61,15 +67,24 @@ def main(argv=None):
     ap.add_argument("--agent", default=None, help="planner folder (default: unsteered)")
     ap.add_argument("--also", nargs="*", default=[], choices=["bf16", "int8"],
                     help="also time these forced precisions")
+    ap.add_argument("--emulate-avx2", action="store_true",
+                    help="limit ATen/oneDNN kernels to AVX2 and time the fallback fast picks")
+    ap.add_argument("--batch", type=int, default=BATCH)
     args = ap.parse_args(argv)
+    if args.emulate_avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # before torch picks kernels
+    no_bf16 = cpu_flags() - set(BF16_FLAGS)
+    fast = (choose("fast", torch.device("cpu"), no_bf16).int8_linear and "int8") \
+        if args.emulate_avx2 else "fast"
     setting = make("openup")
     jobs = episode_jobs(setting, args.episodes, "test", seed=0)
     exact = SteeredLM.from_pretrained("default", device="cpu")
     rows, runs = [], {}
     for name in ["exact", "fast", *args.also]:
-        lm = exact if name == "exact" else SteeredLM.from_pretrained("default", device="cpu",
-                                                                     precision=name)
-        out, dt, tokens = run(lm, setting, jobs, args.agent)
+        lm = exact if name == "exact" else SteeredLM.from_pretrained(
+            "default", device="cpu", precision=fast if name == "fast" else name)
+        out, dt, tokens = run(lm, setting, jobs, args.agent, args.batch)
         runs[name] = out
         prompts, texts = steered_turns(out)
         ppl = perplexity(exact, prompts, texts)["perplexity"]
@@ -103,12 +118,17 @@ def main(argv=None):
         "perplexity_ratio_fast_vs_exact": rows[1]["perplexity under exact"]
         / rows[0]["perplexity under exact"],
         "forced_precisions": others,
-        "agent": args.agent or "unsteered", "setting": "openup (test)", "batch": BATCH,
+        "agent": args.agent or "unsteered", "setting": "openup (test)", "batch": args.batch,
         "rounds": ROUNDS, "new_tokens": NEW_TOKENS, "cpu_flags": flags,
+        "emulated_avx2": (f"ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on a CPU with "
+                          f"{', '.join(flags)}; fast = the no-bf16 fallback ({fast})")
+        if args.emulate_avx2 else None,
         "torch_threads": torch.get_num_threads(),
         "targets": {"fast_vs_exact_tokens_per_s": ">= 1.8 on a CPU with native bf16"},
     }
-    report("precision", rows, summary)
+    name = "precision" + ("-avx2" if args.emulate_avx2 else "") + \
+        ("" if args.batch == BATCH else f"-batch{args.batch}")
+    report(name, rows, summary)
 
 
 if __name__ == "__main__":

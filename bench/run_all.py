@@ -11,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["bench_inject.py", "bench_rollout.py", "bench_buffer.py", "bench_td3bc.py", "bench_clone.py",
-           "bench_serve.py", "bench_ray.py"]
+           "bench_serve.py", "bench_ray.py", "bench_baselines.py"]
 
 
 def main() -> int:

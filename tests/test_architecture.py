@@ -14,9 +14,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dat"
 LAYERS: list[tuple[str, ...]] = [
     ("dat.errors", "dat.fileio", "dat.version", "dat.episode", "dat.provenance", "dat.progress",
      "dat.precision",
-     "dat.stats"),
+     "dat.stats", "dat.prompting"),
     ("dat.models", "dat.api"),
-    ("dat.kvcache", "dat.decoding", "dat.steer", "dat.backends"),
+    ("dat.kvcache", "dat.decoding", "dat.continuous", "dat.steer", "dat.backends"),
     ("dat.planner",),
     ("dat.agent",),
     ("dat.judges",),
@@ -24,9 +24,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("dat.rollout", "dat.buffer_format", "dat.buffer_writer", "dat.buffer"),
     ("dat.training", "dat.transitions", "dat.td3bc", "dat.clone_data", "dat.fidelity", "dat.clone",
      "dat.quality", "dat.report", "dat.report_page", "dat.gain", "dat.episode_log", "dat.agentspec",
-     "dat.splitcheck", "dat.evaluate", "dat.directions", "dat.probe"),
+     "dat.splitcheck", "dat.evaluate", "dat.directions", "dat.probe", "dat.baseline_folder"),
     ("dat.collect", "dat.chat", "dat.serve_schema", "dat.serve_engine", "dat.serve_batcher", "dat.serve",
-     "dat.distributed", "dat.quickstart"),
+     "dat.distributed", "dat.quickstart", "dat.baselines"),
     ("dat.cli", "dat"),
 ]
 

@@ -1,6 +1,7 @@
 """Which agents an evaluation runs: :class:`AgentSpec` names one (unsteered, a planner
-folder or in-memory planner, or random actions), loads it for a model, and fingerprints the
-weights it loads so that evaluation results can be cached."""
+folder or in-memory planner, random actions, or a baseline folder from ``dat baseline``),
+loads it for a model, and fingerprints the weights it loads so that evaluation results can
+be cached."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dat.agent import SCENARIOS_INDEX, Agent, ScenarioAgents
+from dat.baseline_folder import BASELINE_FILE, Baseline
 from dat.errors import DatError
 from dat.planner import CONFIG_NAME, UP_MAPPING_DIR, WEIGHTS_NAME, Planner, UpMapping
 
@@ -22,7 +24,9 @@ class AgentSpec:
     * ``AgentSpec()``: unsteered (no action tokens);
     * ``AgentSpec.from_dir(path)``: a planner folder written by ``save_agent`` (``dat clone``
       for the self-clone, ``dat train`` for DAT): ``config.json``, ``model.safetensors`` and
-      ``up_mapping/``; or an in-memory ``planner=Planner`` with ``up_mapping=``;
+      ``up_mapping/``; or an in-memory ``planner=Planner`` with ``up_mapping=``; or a
+      baseline folder written by ``dat baseline`` (GCG, PAIR, strategy prompting, an API
+      model): the unsteered model with that baseline's :class:`~dat.prompting.PromptPolicy`;
     * ``AgentSpec.random(...)``: a random action direction of norm ``act_norm`` each turn
       (seeded per episode and step), through ``up_mapping`` (a module, an up-mapping folder
       or a planner folder with ``up_mapping/``), or the PCA up-mapping of the model's
@@ -64,7 +68,14 @@ class AgentSpec:
     def kind(self) -> str:
         if self.random_actions:
             return "random"
-        return "unsteered" if self.planner is None else "planner"
+        if self.planner is None:
+            return "unsteered"
+        d = self.planner_dir()
+        return "baseline" if d is not None and Baseline.is_folder(d) else "planner"
+
+    def read_baseline(self) -> Baseline | None:
+        """The baseline of a baseline folder (None for every other agent)."""
+        return Baseline.read(self.planner_dir()) if self.kind == "baseline" else None
 
     def planner_dir(self) -> Path | None:
         return Path(self.planner) if isinstance(self.planner, (str, os.PathLike)) else None
@@ -84,6 +95,11 @@ class AgentSpec:
             raise DatError("AgentSpec: random_actions=True takes no planner (it picks random "
                            "actions); pass the planner folder as up_mapping to reuse its up-mapping.")
         up = self._load_up_mapping(lm)
+        if self.kind == "baseline":
+            if up is not None or self.noise:
+                raise DatError(f"{self.planner}: a baseline folder acts through its prompts; it "
+                               "takes no up-mapping and no noise.")
+            return None
         if self.kind == "unsteered":
             if up is not None:
                 raise DatError("AgentSpec: an up-mapping without a planner; set random_actions=True "
@@ -141,6 +157,8 @@ class AgentSpec:
 
 def _weight_files(root: Path) -> list[str]:
     """The files under ``root`` that decide what a loaded agent does (relative paths)."""
+    if Baseline.is_folder(root):
+        return [BASELINE_FILE]
     if ScenarioAgents.is_folder(root):
         return [SCENARIOS_INDEX] + sorted(str(p.relative_to(root)) for p in
                                           (root / "scenarios").rglob("*.*") if p.is_file()

@@ -282,6 +282,9 @@ def serve(
                                 "token by token)."),
     max_body_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest request body accepted; "
                                        "larger ones get a 413."),
+    batching: str = typer.Option("continuous", help="continuous (requests join the running "
+                                 "decode batch at the next step) | static (a batch is decoded "
+                                 "to its end before the next starts)."),
 ) -> None:
     """Serve the model (steered by a planner, if given) over an OpenAI-compatible HTTP API."""
     from dat.serve import serve_command
@@ -291,7 +294,8 @@ def serve(
                                served_model_name=served_model_name,
                                default_max_tokens=default_max_tokens, device=device, dtype=dtype,
                                threads=threads, log_level=log_level, backend=backend,
-                               max_body_bytes=max_body_bytes, precision=precision))
+                               max_body_bytes=max_body_bytes, precision=precision,
+                               batching=batching))
 
 
 @app.command("clone")
@@ -382,7 +386,11 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     out: str = typer.Option(..., help="Report folder."),
-    agent: list[str] = typer.Option(None, help="NAME=PLANNER_DIR (repeatable); 'unsteered' is always run."),
+    agent: list[str] = typer.Option(None, help="NAME=DIR (repeatable): a planner folder or a "
+                                    "`dat baseline` folder; 'unsteered' is always run."),
+    partner: list[str] = typer.Option(None, help="Partner / defender spec (repeatable: one "
+                                      "evaluation per partner, in OUT/<partner>, and a partner-"
+                                      "transfer table); default: the model itself."),
     env: str = typer.Option("taboo", help="Setting: taboo | openup | social | redteam."),
     data: str = typer.Option(None, help="Setting data (Sotopia folder / HarmBench CSV)."),
     judge: str = typer.Option(None, help="Judge spec."),
@@ -434,6 +442,13 @@ def eval_cmd(
         cfg = RolloutConfig(batch_size=batch_size, rounds=rounds, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed,
                             allow_judge_failures=allow_judge_failures)
+        if partner:
+            if use_ray or num_workers or address:
+                raise DatError("--partner cannot be combined with --ray yet.")
+            from dat.evaluate import evaluate_partners
+
+            return evaluate_partners(lm, setting, agents, partner, episodes, split=split, seed=seed,
+                                     config=cfg, out_dir=out, scenarios=scenarios)
         if not (use_ray or num_workers or address):
             return evaluate(lm, setting, agents, episodes, split=split, seed=seed, config=cfg,
                             out_dir=out, scenarios=scenarios)
@@ -446,8 +461,69 @@ def eval_cmd(
                             out_dir=out, runner=runner, scenarios=scenarios)
 
     results = _run(go, out)
+    if "by_partner" in results:
+        from dat.report import partner_table
+
+        for name, res in results["by_partner"].items():
+            console.print(f"partner {name}:")
+            print(format_table(res))
+        print(partner_table(results["by_partner"]))
+        console.print(f"reports: {out}/<partner>/results.md")
+        return
     print(format_table(results))
     console.print(f"report: {out}/results.md")
+
+
+@app.command()
+def baseline(
+    method: str = typer.Argument(..., help="gcg | pair | strategy | api"),
+    out: str = typer.Option(..., help="Baseline folder (then: dat eval --agent NAME=OUT)."),
+    env: str = typer.Option("redteam", help="Setting: taboo | openup | social | redteam."),
+    data: str = typer.Option(None, help="Setting data (HarmBench CSV / Sotopia folder)."),
+    judge: str = typer.Option(None, help="Judge spec (default: the setting's)."),
+    model: str = typer.Option("default", help="The local model (attacker/steered agent; GCG's defender)."),
+    partner: str = typer.Option(None, help="Defender / partner spec (default: the model itself)."),
+    split: str = typer.Option(None, help="Scenarios to build on (default: test for gcg, pair and "
+                              "--mode oracle; train for --mode best)."),
+    limit: int = typer.Option(None, help="gcg, pair: only the first N behaviours of the split."),
+    targets: str = typer.Option(None, help="gcg: HarmBench targets JSON {BehaviorID: target}; "
+                                "default: 'Sure, here is ...' from the behaviour."),
+    steps: int = typer.Option(None, help="gcg: optimisation steps (default 250)."),
+    search_width: int = typer.Option(None, help="gcg: candidates per step (default 512)."),
+    topk: int = typer.Option(None, help="gcg: top-k tokens per position (default 256)."),
+    attacker: str = typer.Option(None, help="pair: attacker model spec, local or api:URL#model "
+                                 "(default: the model)."),
+    streams: int = typer.Option(None, help="pair: parallel streams N (default 3)."),
+    iterations: int = typer.Option(None, help="pair: refinement iterations K (default 3)."),
+    strategy: list[str] = typer.Option(None, help="strategy: NAME or NAME=instruction "
+                                       "(repeatable; default: the built-in list)."),
+    mode: str = typer.Option("best", help="strategy: best (one strategy, chosen on --split) | "
+                             "oracle (the best per scenario: an upper bound)."),
+    episodes: int = typer.Option(None, help="strategy: episodes per strategy (default: one per "
+                                 "scenario)."),
+    speaker: str = typer.Option(None, help="api: the endpoint that speaks for the steered agent, "
+                                "api:URL#model."),
+    rounds: int = typer.Option(None),
+    max_new_tokens: int = typer.Option(48),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    overwrite: bool = typer.Option(False, help="Replace a finished baseline in --out."),
+) -> None:
+    """Build a baseline to evaluate next to DAT: GCG suffixes (nanogcg), PAIR prompts, strategy
+    prompting, or an API model as the steered agent. See docs/baselines.md."""
+    from dat.baselines.build import BaselineJob, build
+
+    job = BaselineJob(method, out, env, data, judge, model, partner, split, limit, rounds,
+                      max_new_tokens, batch_size, seed, overwrite, device,
+                      gcg={"targets": targets, "steps": steps, "search_width": search_width,
+                           "topk": topk},
+                      pair={"attacker": attacker, "streams": streams, "iterations": iterations},
+                      strategies=strategy, mode=mode, episodes=episodes, speaker=speaker)
+    made = _run(lambda: build(job), out)
+    console.print(f"{made.label}: {len(made.scenario_ids) or 'all'} scenario(s), compute per "
+                  f"scenario {made.compute_text()}; wrote {out}/baseline.json. Evaluate it with: "
+                  f"dat eval --env {made.setting} --agent {made.method}={out} ...")
 
 
 @app.command()

@@ -141,7 +141,9 @@ def _run_agent(name: str, spec: AgentSpec, jobs: list, config: RolloutConfig, he
     if runner is not None:
         result = sorted(runner(name, spec, config, jobs), key=lambda r: r.episode.episode_id)
     else:
-        rollout = Rollout(lm, setting, partner=partner, agent=spec.load(lm), config=config)
+        made = spec.read_baseline()
+        rollout = Rollout(lm, setting, partner=partner, agent=spec.load(lm), config=config,
+                          policy=None if made is None else made.policy)
         result = sorted(rollout.run(jobs), key=lambda r: r.episode.episode_id)
     seconds = time.perf_counter() - t0
     log.info("%s: done in %.1f s", name, seconds)
@@ -215,10 +217,23 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
     jobs = episode_jobs(setting, episodes, split, seed, scenarios=scenarios)
     scenario_of = {i: s.id for i, s in jobs}
 
-    # fail fast: split overlap, missing plotting package
+    # fail fast: a baseline made for something else, split overlap, missing plotting package
     test_ids = {s.id for _, s in jobs}
     checks = {}
     for name, spec in specs.items():
+        made = spec.read_baseline()
+        if made is not None:
+            made.check(setting.name, getattr(lm, "name", None), f"agent {name!r} ({spec.planner})")
+            missing = sorted(i for i in test_ids if not made.policy.covers(i))
+            if missing:
+                raise DatError(f"agent {name!r}: the {made.method} baseline in {spec.planner} was "
+                               f"built for {len(made.scenario_ids)} scenario(s) and has nothing "
+                               f"for {len(missing)} of the {len(test_ids)} evaluated here (e.g. "
+                               f"{missing[:3]}); build it on the evaluated split (`dat baseline "
+                               f"{made.method} --split {split}`).")
+            if runner is not None:
+                raise DatError(f"agent {name!r}: baseline folders run in this process only; "
+                               "evaluate them without --ray.")
         checks[name] = (check_split(name, spec, setting, split, test_ids) if split_check
                         else {"status": "skipped"})
     out = Path(out_dir) if out_dir is not None else None
@@ -264,6 +279,15 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
                 m["asr_diff_vs_baseline"] = paired_difference(wins[name], wins[baseline],
                                                               n_bootstrap, level, seed,
                                                               scenario_of)
+        made = spec.read_baseline()
+        if made is not None:
+            if made.policy.speaker is not None:  # an API model is paid per turn it writes
+                turns = [len(r.episode.utterances("steered")) for r in runs[name]]
+                made = replace(made, compute={**made.compute,
+                                              "api_calls": sum(turns) / max(1, len(turns))})
+            m["baseline"] = {"method": made.method, "label": made.label, "oracle": made.oracle,
+                             "compute_per_scenario": made.compute,
+                             "compute_text": made.compute_text(), "settings": made.settings}
         results["agents"][name] = {"spec": spec.describe(), **m, "split_check": checks[name],
                                    **timing[name], "per_episode": _per_episode_rows(runs[name])}
     if out is not None:
@@ -272,5 +296,29 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
     return results
 
 
+def evaluate_partners(lm, setting: Setting, agents, partners: Sequence[str], episodes=None, *,
+                      out_dir: str | os.PathLike | None = None, **kwargs) -> dict:
+    """:func:`evaluate` once per partner spec (``out_dir/<partner>/`` each), for partner
+    transfer: ``{"by_partner": {partner name: results}}``; with ``out_dir`` also
+    ``partners.md``, the table of every agent against every partner."""
+    from dat.partners import make_partner
+    from dat.report import partner_table
+
+    made = [make_partner(spec, lm) for spec in partners]  # bad specs fail before any run
+    names = [getattr(p, "name", spec) for p, spec in zip(made, partners)]
+    if len(set(names)) != len(names):
+        raise DatError(f"--partner: the same partner is given twice ({names}).")
+    by_partner = {}
+    for name, partner in zip(names, made):
+        sub = None if out_dir is None else Path(out_dir) / _file_safe(name)
+        by_partner[name] = evaluate(lm, setting, agents, episodes, out_dir=sub, partner=partner,
+                                    **kwargs)
+    if out_dir is not None:
+        atomic_write_text(Path(out_dir) / "partners.md", "# Partner transfer\n\n"
+                          + partner_table(by_partner) + "\n")
+    return {"by_partner": by_partner}
+
+
 # AgentSpec and format_table are re-exported: they are the names an evaluation is written with
-__all__ = ["RESULTS_FORMAT", "AgentSpec", "agent_metrics", "evaluate", "format_table"]
+__all__ = ["RESULTS_FORMAT", "AgentSpec", "agent_metrics", "evaluate", "evaluate_partners",
+           "format_table"]

@@ -19,7 +19,7 @@ from dat.fileio import atomic_write_text
 from dat.version import __version__
 
 PROVENANCE_FILE = "provenance.json"
-Kind = Literal["buffer", "clone", "planner"]
+Kind = Literal["buffer", "clone", "planner", "baseline"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 

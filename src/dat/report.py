@@ -72,21 +72,27 @@ def _perplexity_text(x) -> str:
 def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """The main table's header and rows (text cells): one row per agent with reward (mean ±
     SE, 95 % CI), paired difference to the baseline, ASR and best-round reward (red
-    teaming), and language quality."""
+    teaming), each prompting baseline's compute per scenario (when there is one), and
+    language quality."""
     agents = results["agents"]
     base = results.get("baseline")
     level = round(100 * results.get("ci_level", 0.95))
     redteam = any("asr" in a for a in agents.values())
+    compute = any(a.get("baseline") for a in agents.values())
     head = ["agent", "episodes", "judge failed", "reward (mean ± SE)", f"{level} % CI"]
     if base is not None:
         head.append(f"Δ vs {base} [{level} % CI]")
     if redteam:
         head += [f"ASR [{level} % CI]", "best-round reward"]
+    if compute:
+        head.append("compute / scenario")
     head += ["perplexity", "distinct-1", "distinct-2", "words/reply", "empty", "truncated"]
     rows = []
     for name, a in agents.items():
         r = a["reward"]
-        row = [name, str(a["episodes"]), str(a["judge_failed"]), mean_se_text(r),
+        made = a.get("baseline") or {}
+        label = f"{name} (oracle)" if made.get("oracle") and "oracle" not in name else name
+        row = [label, str(a["episodes"]), str(a["judge_failed"]), mean_se_text(r),
                interval_text(r.get("ci"))]
         if base is not None:
             d = a.get("diff_vs_baseline")
@@ -98,6 +104,8 @@ def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
             row.append("–" if not asr
                        else f"{percent_text(asr['rate'])} {interval_text(asr.get('ci'), pct=True)}")
             row.append(mean_se_text(a.get("best_round_reward")))
+        if compute:
+            row.append(made.get("compute_text", "–"))
         lang = a["language"]
         row += [_perplexity_text(lang.get("perplexity")), _fixed(lang.get("distinct_1")),
                 _fixed(lang.get("distinct_2")), _fixed(lang.get("mean_words"), 1),
@@ -105,6 +113,29 @@ def main_table(results: dict) -> tuple[list[str], list[list[str]]]:
                 percent_text(lang.get("truncated_share"))]
         rows.append(row)
     return head, rows
+
+
+def partner_table(by_partner: dict[str, dict]) -> str:
+    """Partner transfer: one row per agent, one column per partner (``by_partner``: partner
+    name -> that evaluation's results), ASR in red teaming and reward (mean ± SE) otherwise."""
+    names: list[str] = []
+    for res in by_partner.values():
+        names += [n for n in res["agents"] if n not in names]
+    redteam = any("asr" in a for res in by_partner.values() for a in res["agents"].values())
+    head = ["agent"] + [f"{'ASR' if redteam else 'reward'} vs {p}" for p in by_partner]
+    rows = []
+    for n in names:
+        row = [n]
+        for res in by_partner.values():
+            a = res["agents"].get(n)
+            if a is None:
+                row.append("–")
+            elif redteam:
+                row.append(percent_text((a.get("asr") or {}).get("rate")))
+            else:
+                row.append(mean_se_text(a["reward"]))
+        rows.append(row)
+    return _markdown_table(head, rows)
 
 
 def format_table(results: dict) -> str:

@@ -34,6 +34,7 @@ from dat.episode import Episode, Reward, Scenario, Turn
 from dat.errors import DatError
 from dat.kvcache import PrefixCache
 from dat.planner import Planner, UpMapping
+from dat.prompting import PromptPolicy
 
 
 @dataclass
@@ -126,8 +127,15 @@ class Rollout:
 
     def __init__(self, lm, setting: Setting, partner=None, planner: Planner | None = None,
                  up_mapping: UpMapping | None = None, config: RolloutConfig | None = None,
-                 agent: Agent | None = None):
+                 agent: Agent | None = None, policy: PromptPolicy | None = None):
         self.lm = lm
+        # a prompting baseline: the steered agent's system prompt, first message or speaker
+        self.policy = policy
+        self.speaker = None
+        if policy is not None and policy.speaker is not None:
+            from dat.partners import make_partner
+
+            self.speaker = Partner(make_partner(policy.speaker))
         self.setting = setting
         self.partner = Partner(partner if partner is not None else lm)  # same object: no copy
         self.cfg = config or RolloutConfig()
@@ -204,21 +212,52 @@ class Rollout:
         for s, row in zip(slots, states):
             s.states.append(row)
         actions = self._actions(slots, states)
-        with torch.no_grad():  # inference: no graph through a trainable up-mapping
-            embeds = None if actions is None else self.agent.embed(actions).to(self.lm.device)
-        g = self.lm.generate_detailed(views, actions=embeds, position=self.position,
-                                      max_new_tokens=self.cfg.max_new_tokens,
-                                      temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                      seed=self._next_sampling_seed(), caches=caches)
-        for s, text, toks, stop in zip(slots, g.texts, g.token_ids, g.stopped):
+        texts, counts, stopped = self._steered_words(slots, views, actions, caches)
+        for s, text, n, stop in zip(slots, texts, counts, stopped):
             if self.cfg.end_at_sentence and not stop:
                 text = last_sentence_end(text)
             s.episode.turns.append(Turn("steered", text))
             s.next_speaker = "partner"
-            s.tokens += len(toks) + int(stop)
-            s.turn_tokens.append(len(toks))
+            s.tokens += n + int(stop)
+            s.turn_tokens.append(n)
             s.turn_stopped.append(bool(stop))
+
+    def _steered_words(self, slots, views, actions, caches) -> tuple[list[str], list[int], list[bool]]:
+        """The steered agent's replies: a prompting baseline's fixed first message where it
+        has one, the speaker model's (an API model) or the local model's otherwise; also each
+        reply's new tokens and whether it ended by itself."""
+        n = len(slots)
+        texts: list = [None] * n
+        counts, stopped = [0] * n, [True] * n
+        if self.policy is not None:
+            for i, s in enumerate(slots):
+                fixed = None if any(t.speaker == "steered" for t in s.episode.turns) \
+                    else self.policy.first_turn(s.episode.scenario.id)
+                if fixed is not None:
+                    texts[i] = fixed
+                    counts[i] = len(self.lm.tokenizer(fixed, add_special_tokens=False)["input_ids"])
+        todo = [i for i in range(n) if texts[i] is None]
+        if not todo:
+            return texts, counts, stopped
+        seed = self._next_sampling_seed()
+        if self.speaker is not None:
+            out, _, ended = self.speaker.reply([views[i] for i in todo], self.cfg.max_new_tokens,
+                                               self.cfg.temperature, self.cfg.top_p, seed)
+            for i, text, end in zip(todo, out, ended):
+                texts[i], stopped[i] = text, end
+                counts[i] = len(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return texts, counts, stopped
+        with torch.no_grad():  # inference: no graph through a trainable up-mapping
+            embeds = None if actions is None else self.agent.embed(actions[todo]).to(self.lm.device)
+        g = self.lm.generate_detailed([views[i] for i in todo], actions=embeds,
+                                      position=self.position,
+                                      max_new_tokens=self.cfg.max_new_tokens,
+                                      temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                      seed=seed, caches=None if caches is None else [caches[i] for i in todo])
+        for i, toks, text, stop in zip(todo, g.token_ids, g.texts, g.stopped):
+            texts[i], counts[i], stopped[i] = text, len(toks), bool(stop)
         self.generated_tokens += g.num_generated
+        return texts, counts, stopped
 
     def _partner_turn(self, slots: list[_Slot]) -> None:
         temp = self.cfg.partner_temperature
@@ -290,6 +329,12 @@ class Rollout:
         queue = list(jobs)[::-1]
         if isinstance(self.agent, ScenarioAgents):  # fail before any episode runs
             self.agent.check_scenarios([scn.id for _, scn in queue])
+        missing = sorted({scn.id for _, scn in queue if self.policy is not None
+                          and not self.policy.covers(scn.id)})
+        if missing:
+            raise DatError(f"the prompting baseline has nothing for {len(missing)} scenario(s) "
+                           f"it would run on (e.g. {missing[:5]}); build it on these scenarios "
+                           "(`dat baseline ... --split` of the evaluation).")
         active: list[_Slot] = []
         results: list[RolloutEpisode] = []
         while queue or active:
@@ -318,6 +363,8 @@ class Rollout:
 
     def _start(self, episode_id: int, scenario: Scenario) -> _Slot:
         ep = self.setting.new_episode(episode_id, scenario)
+        if self.policy is not None:
+            ep.steered_system = self.policy.system(scenario.id, ep.steered_system)
         opening = self.setting.opening(scenario)
         if opening.text is not None:
             ep.turns.append(Turn(opening.speaker, opening.text))

@@ -25,6 +25,13 @@ def check_split(agent: str, spec: AgentSpec, setting: Setting, split: str,
     d = spec.planner_dir()
     if d is None:
         return {"status": "not-applicable"}
+    made = spec.read_baseline()
+    if made is not None and not made.scenario_ids:  # chose nothing on any scenario
+        return {"status": "not-applicable"}
+    if made is not None and made.per_scenario:  # GCG/PAIR per behaviour, or an oracle
+        return {"status": "per-scenario", "note": ("oracle: chosen on the evaluated scenarios"
+                                                   if made.oracle else
+                                                   "optimised on each evaluated scenario")}
     if ScenarioAgents.is_folder(d):  # the paper's protocol: tested on its own scenarios
         ScenarioAgents.load(d).check_scenarios(test_ids)
         return {"status": "per-scenario", "note": "trained and tested on the same scenarios"}
