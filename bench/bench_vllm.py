@@ -8,6 +8,9 @@
    static system prompt; a first call with actions A fills the cache, a second with new
    actions B (as every turn of a rollout has) is timed, with 1 new token (prefill only).
    Reported: prompt tokens vLLM took from its cache, and the prefill time.
+4. The rollout engine itself on each backend: the same ``openup`` test episodes (3 rounds, 48
+   new tokens, greedy, batch 32, unsteered), episodes/h and generated tokens/s, and how many
+   dialogues are identical (``--rollout-episodes``, 0 skips it).
 3. States: the transformers model's final hidden state of the last prompt token (what the
    vLLM backend uses), and, with ``--vllm-states``, the same from a second vLLM engine in
    pooling mode (last-token pooling, no normalisation).
@@ -59,8 +62,27 @@ def actions(lm, n: int, seed: int):
     return up(normalize_action(torch.randn(n, 64, generator=torch.Generator().manual_seed(seed)), 1.0))
 
 
+def rollout_run(lm, episodes: int, new_tokens: int) -> tuple[list, float, int]:
+    """The default setting's rollout on ``lm``: finished episodes, seconds, tokens."""
+    from dat.envs import make
+    from dat.rollout import Rollout, RolloutConfig, episode_jobs
+
+    setting = make("openup")
+    jobs = episode_jobs(setting, episodes, "test", seed=0)
+    Rollout(lm, setting, config=RolloutConfig(batch_size=2, rounds=1, max_new_tokens=4)).run(jobs[:2])
+    r = Rollout(lm, setting, config=RolloutConfig(batch_size=32, rounds=3, max_new_tokens=new_tokens))
+    t = time.perf_counter()
+    out = sorted(r.run(jobs), key=lambda e: e.episode.episode_id)
+    return out, time.perf_counter() - t, r.generated_tokens
+
+
+def rollout_row(name: str, out: list, seconds: float, tokens: int) -> dict:
+    return {"run": name, "seconds": seconds, "tokens": tokens, "tokens/s": tokens / seconds,
+            "episodes/hour": 3600 * len(out) / seconds}
+
+
 def main(n: int = 32, new_tokens: int = 48, repeats: int = 2, vllm_states: bool = False,
-         eager: bool = True) -> dict | None:
+         eager: bool = True, rollout_episodes: int = 32) -> dict | None:
     if importlib.util.find_spec("vllm") is None:
         print("bench_vllm: vLLM is not installed here; run `make bench-vllm` (CPU) or install "
               "'dat[vllm]' (GPU). Skipped.")
@@ -81,6 +103,7 @@ def main(n: int = 32, new_tokens: int = 48, repeats: int = 2, vllm_states: bool 
                                                     ignore_eos=True), repeats)
     t_state_hf, _ = timed(lambda: hf.state(ds, batch_size=n), repeats)
     greedy_hf = hf.generate_detailed(ds, actions=acts, max_new_tokens=new_tokens)
+    roll_hf = rollout_run(hf, rollout_episodes, new_tokens) if rollout_episodes else None
 
     # 1b. vLLM backend (its own copy of the weights, plus the transformers one for states)
     t0 = time.perf_counter()
@@ -102,6 +125,21 @@ def main(n: int = 32, new_tokens: int = 48, repeats: int = 2, vllm_states: bool 
         {"run": "states from the transformers model (batch 32)", "seconds": t_state_hf,
          "tokens": n, "tokens/s": float("nan"), "ratio": float("nan")},
     ]
+
+    if roll_hf is not None:  # 4. the rollout on each backend
+        roll_v = rollout_run(vlm, rollout_episodes, new_tokens)
+        hf_row, v_row = rollout_row("hf backend: rollout", *roll_hf), rollout_row("vllm backend: rollout", *roll_v)
+        hf_row["ratio"], v_row["ratio"] = 1.0, v_row["tokens/s"] / hf_row["tokens/s"]
+        same = sum([t.text for t in a.episode.turns] == [t.text for t in b.episode.turns]
+                   for a, b in zip(roll_hf[0], roll_v[0]))
+        extra["rollout"] = {"setting": "openup (test)", "episodes": rollout_episodes, "rounds": 3,
+                            "batch": 32, "rows": [hf_row, v_row],
+                            "identical_dialogues": f"{same}/{rollout_episodes}",
+                            "vllm_vs_hf_tokens_per_s": v_row["ratio"],
+                            "vllm_vs_hf_episodes_per_hour": v_row["episodes/hour"] / hf_row["episodes/hour"]}
+        print(f"rollout: hf {hf_row['tokens/s']:.1f} tok/s {hf_row['episodes/hour']:.0f} ep/h; "
+              f"vllm {v_row['tokens/s']:.1f} tok/s {v_row['episodes/hour']:.0f} ep/h "
+              f"({v_row['ratio']:.2f}x); identical dialogues {same}/{rollout_episodes}")
 
     # 2. position of the action tokens vs vLLM's prefix cache
     sd = shared_system_dialogues(n)
@@ -177,5 +215,7 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vllm-states", action="store_true")
     ap.add_argument("--compile", action="store_true", help="let vLLM compile (slow start on CPU)")
+    ap.add_argument("--rollout-episodes", type=int, default=32, help="0: skip the rollout part")
     a = ap.parse_args()
-    main(a.n, a.new_tokens, a.repeats, a.vllm_states, eager=not a.compile)
+    main(a.n, a.new_tokens, a.repeats, a.vllm_states, eager=not a.compile,
+         rollout_episodes=a.rollout_episodes)

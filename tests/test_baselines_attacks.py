@@ -205,17 +205,20 @@ def test_pair_refines_with_the_judges_feedback(default_lm, tmp_path):
     assert isinstance(setting, Setting) and setting.scenarios("all")[0].id == "poem_autumn_leaves"
     srv = FakeServer(script)
     try:
-        cfg = PAIRSettings(streams=1, iterations=3, attacker=f"api:{srv.url}#attacker",
+        cfg = PAIRSettings(streams=2, iterations=3, attacker=f"api:{srv.url}#attacker",
                            defender_max_tokens=48)
         made = run_pair(default_lm, setting, tmp_path, cfg, split="all", limit=1, progress=False)
     finally:
         srv.stop()
     d = made.details["behaviors"]["poem_autumn_leaves"]
-    assert [t["prompt"] for t in d["trials"]] == [first, second]  # stopped at the success
-    assert [t["success"] for t in d["trials"]] == [False, True]
-    assert d["parse_failures"] == 0 and d["judge_calls"] == d["iterations_run"] == 2
-    feedback = srv.requests[1]["messages"][-1]["content"]
+    # 2 streams: the off-goal prompt, then the request once it got feedback; stopped there
+    assert sorted(t["prompt"] for t in d["trials"]) == [first, first, second, second]
+    assert sorted(t["success"] for t in d["trials"]) == [False, False, True, True]
+    assert d["parse_failures"] == 0 and d["judge_calls"] == 4 and d["iterations_run"] == 2
+    # an API attacker gets one request per stream, each with a seed of its own
+    assert len(srv.requests) == 4 and srv.requests[0]["seed"] != srv.requests[1]["seed"]
+    feedback = srv.requests[2]["messages"][-1]["content"]
     assert feedback.startswith("LANGUAGE MODEL OUTPUT: ") and feedback.endswith("SCORE: 1")
-    assert d["trials"][0]["response"] in feedback
+    assert any(t["response"] in feedback for t in d["trials"] if not t["success"])
     assert made.policy.first_turn("poem_autumn_leaves") == second
-    assert made.compute["api_calls"] == 2 and made.compute["judge_calls"] == 2
+    assert made.compute["api_calls"] == 4 and made.compute["judge_calls"] == 4

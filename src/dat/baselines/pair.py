@@ -224,10 +224,8 @@ def _attack(scn, defender_system: str, opening, attacker, defender, judge,
         unparsed: dict[int, str] = {}  # the last answer without a prompt, per stream
         pending = list(range(settings.streams))
         for attempt in range(settings.max_attempts):
-            texts = attacker.reply([[system, *history[i]] for i in pending],
-                                   max_new_tokens=settings.attacker_max_tokens,
-                                   temperature=settings.attacker_temperature,
-                                   seed=_seed(settings.seed, it, attempt))
+            texts = _propose(attacker, [[system, *history[i]] for i in pending], pending,
+                             attacker_api, settings, _seed(settings.seed, it, attempt))
             counts["attacker_calls"] += len(pending)
             counts["generations"] += len(pending)
             counts["api_calls"] += len(pending) if attacker_api else 0
@@ -281,6 +279,24 @@ def _attack(scn, defender_system: str, opening, attacker, defender, judge,
             "best_iteration": best["iteration"] if best else None,
             "iterations_run": iterations_run, **counts, "trials": trials,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _propose(attacker, conversations: list, streams: list[int], per_request: bool,
+             settings: PAIRSettings, seed: int) -> list[str]:
+    """The attacker's answers. A local attacker samples its batch from one generator, so one
+    call gives every stream its own sample. An API server seeds each request by itself, and
+    the streams start from the same conversation, so each stream is sent with a seed of its
+    own (concurrently) or all streams would coincide."""
+    kw = {"max_new_tokens": settings.attacker_max_tokens,
+          "temperature": settings.attacker_temperature}
+    if not per_request:
+        return attacker.reply(conversations, seed=seed, **kw)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, len(conversations))) as pool:
+        jobs = [pool.submit(attacker.reply, [c], seed=seed + 7919 * (s + 1), **kw)
+                for c, s in zip(conversations, streams)]
+        return [j.result()[0] for j in jobs]
 
 
 def _seed(base: int, iteration: int, attempt: int) -> int:
