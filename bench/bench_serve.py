@@ -1,6 +1,6 @@
 """Throughput of `dat serve` at 1, 8 and 32 concurrent clients (closed loop), with continuous
-batching and with the old static batching side by side, and the latency of a short request
-while 32 clients load the server.
+batching (with and without the shared-prefix cache) and with the old static batching side by
+side, and the latency of a short request while 32 clients load the server.
 
 Starts a server with the default model on a free loopback port for each batching mode (or
 uses ``--url``), then for each concurrency level runs that many client threads, each sending
@@ -11,7 +11,7 @@ client sends short requests (``--probe-tokens`` new tokens) one after another: t
 p95 latency is what a newcomer waits under load. Prints a table per mode and writes JSON
 (default ``bench/results/serve.json``).
 
-    python bench/bench_serve.py                         # plain model, both modes
+    python bench/bench_serve.py                         # plain model, all three modes
     python bench/bench_serve.py --batching continuous   # one mode only
     python bench/bench_serve.py --steered               # with a random planner + PCA up-mapping
 """
@@ -42,6 +42,9 @@ TOPICS = ["the sea", "a busy market", "winter mornings", "old libraries", "train
           "castles", "bees", "clocks", "harbours"]
 
 
+NO_PREFIX = "-noprefix"  # mode suffix: continuous batching with the prefix cache off
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,7 +64,8 @@ def start_server(args, planner: str | None, log_path: str, batching: str):
     port = free_port()
     options = {"model": args.model, "planner": planner, "port": port, "max_batch": args.max_batch,
                "max_wait_ms": args.max_wait_ms, "threads": args.threads, "log_level": "warning",
-               "batching": batching}
+               "batching": batching.removesuffix(NO_PREFIX),
+               "prefix_cache": not batching.endswith(NO_PREFIX)}
     code = "import json, sys; from dat.serve import serve_command; serve_command(**json.loads(sys.argv[1]))"
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(options)], stdout=log,
@@ -233,8 +237,9 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--served-model", default="dat")
     ap.add_argument("--steered", action="store_true", help="serve a random planner (PCA up-mapping)")
-    ap.add_argument("--batching", default="continuous,static",
-                    help="modes to start servers with, in this order (ignored with --url)")
+    ap.add_argument("--batching", default="continuous,continuous-noprefix,static",
+                    help="modes to start servers with, in this order (ignored with --url); "
+                         "continuous-noprefix: continuous with the shared-prefix cache off")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--requests", default="4,2,2", help="requests per client, per level")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -266,7 +271,8 @@ def main() -> None:
                 else:
                     proc, url = start_server(args, planner, os.path.join(tmp, f"serve-{mode}.log"), mode)
                 health = httpx.get(url + "/health", timeout=10).json()
-                print(f"{mode} batching (server says: {health.get('batching')})", flush=True)
+                print(f"{mode} batching (server says: {health.get('batching')}, prefix cache "
+                      f"{health.get('prefix_cache')})", flush=True)
                 results[mode] = bench_mode(args, url, proc.pid if proc is not None else None, levels, per)
             finally:
                 if proc is not None:
@@ -289,6 +295,10 @@ def main() -> None:
         print(f"short request ({p['probe_max_tokens']} tokens) while {p['clients']} clients load the "
               f"server: p50 {p['probe_latency_p50_s']} s, p95 {p['probe_latency_p95_s']} s "
               f"over {p['probes']} requests (load: {p['load_tokens_per_s']} tok/s)")
+        h = res["health_at_end"]
+        if h.get("prompt_tokens"):
+            print(f"prompt tokens taken from the prefix cache: {h.get('prefix_cached_tokens', 0)} "
+                  f"of {h['prompt_tokens']}")
     top = max(levels)
 
     def speedup(mode):
@@ -296,14 +306,18 @@ def main() -> None:
         return next((r["speedup_tokens"] for r in rows if r["clients"] == top), None)
 
     summary = {f"{m}_{top}_vs_{levels[0]}_tokens_per_s": speedup(m) for m in results}
-    if "continuous" in results and "static" in results:
-        c = next(r for r in results["continuous"]["levels"] if r["clients"] == top)
-        st = next(r for r in results["static"]["levels"] if r["clients"] == top)
-        summary[f"continuous_vs_static_{top}_clients_tokens_per_s"] = round(c["tokens_per_s"] / st["tokens_per_s"], 2)
+    def at_top(mode):
+        return next(r for r in results[mode]["levels"] if r["clients"] == top)
+
+    for other in ("static", "continuous" + NO_PREFIX):
+        if "continuous" in results and other in results:
+            summary[f"continuous_vs_{other}_{top}_clients_tokens_per_s"] = round(
+                at_top("continuous")["tokens_per_s"] / at_top(other)["tokens_per_s"], 2)
     print("\n" + ", ".join(f"{k}: {v}" for k, v in summary.items()))
     import torch
 
-    out = {"benchmark": "dat serve throughput (closed-loop clients, greedy), continuous vs static batching",
+    out = {"benchmark": "dat serve throughput (closed-loop clients, greedy), continuous (with and "
+                        "without the prefix cache) vs static batching",
            "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
            "model": health.get("model"), "planner": "random (PCA up-mapping)" if args.steered else None,
            "served_model": args.served_model, "max_tokens": args.max_tokens,

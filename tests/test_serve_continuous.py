@@ -170,10 +170,11 @@ class Client:
             return rest[0]
 
 
-def run_server(engine, coro_fn, max_batch=8, max_wait_ms=30.0, batching="continuous"):
+def run_server(engine, coro_fn, max_batch=8, max_wait_ms=30.0, batching="continuous",
+               prefix_cache=True):
     from dat.serve_batcher import Batcher
 
-    batcher = Batcher(engine, max_batch, max_wait_ms, batching)
+    batcher = Batcher(engine, max_batch, max_wait_ms, batching, prefix_cache)
     batcher.start()
     try:
         return asyncio.run(coro_fn(batcher)), batcher
@@ -318,3 +319,116 @@ def test_static_batching_still_available(plain_engine):
     assert batcher.batching == "static" and batcher.stats["joined_running"] == 0
     assert long.done_at < short.done_at  # the newcomer waited for the batch to drain
     assert short_reply["batch_size"] == 1 and long_reply["batch_size"] == 1
+
+
+# ---------------------------------------------------------------------- shared-prefix caching
+SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer in plain English, "
+                                       "in full sentences, and never use lists or headings."}
+SHARED = [[SYSTEM, {"role": "user", "content": q}] for q in
+          ("Name a colour.", "Describe the sea in detail.", "Why is the sky blue?",
+           "Tell me about owls.", "What is a prime number?", "Say hello.")]
+
+
+def test_rows_taking_a_shared_prefix_match_solo_decoding(default_lm):
+    """Rows sharing a system prompt join at different steps and take its keys/values from a
+    PrefixStore (never past a steered row's insertion point): plain, infix action tokens,
+    residual and sampled rows each get exactly their solo reply."""
+    from dat.kvcache import PrefixStore, common_prefix
+
+    lm = default_lm
+    torch.manual_seed(0)
+    emb = lm.model.get_input_embeddings().weight
+    words = lm.tokenizer("Answer only in French, like a pirate.", add_special_tokens=False)["input_ids"]
+    tokens = emb[words][None].detach().clone()
+    vector = torch.randn(1, 1, lm.hidden_size) * 4.0
+    layer = lm.num_layers // 2
+    hot = Sampling(temperature=0.9, top_p=0.95, seed=7)
+    rows = [Row(lm, SHARED[0], 12), Row(lm, SHARED[1], 20, tokens, "infix"),
+            Row(lm, SHARED[2], 16, vector, ResidualAt(layer)), Row(lm, SHARED[3], 10, sampling=hot),
+            Row(lm, SHARED[4], 8)]
+    expected = [solo(lm, SHARED[0], 12), solo(lm, SHARED[1], 20, tokens, "infix"),
+                solo(lm, SHARED[2], 16, vector, ResidualAt(layer)),
+                solo(lm, SHARED[3], 10, temperature=0.9, top_p=0.95, seed=7), solo(lm, SHARED[4], 8)]
+    assert expected[1] != solo(lm, SHARED[1], 20)  # the infix actions matter
+
+    shared = common_prefix(rows[0].ids, rows[4].ids)
+    assert shared > 20  # the system prompt and the user header
+    store = PrefixStore(entries=2)
+    used = []
+
+    def batch(row):
+        limit = None if row.insert_at is None else row.insert_at[0]
+        entry, n = store.match([row.ids], [limit])
+        used.append(n)
+        b = lm.make_batch([row.ids], row.insert_at, row.actions, row.position,
+                          reuse=[n] if n else None)
+        return b, (entry.kv[:, :, :, :n] if n else None)
+
+    rb = RunningBatch(lm)
+    schedule = {0: [rows[0]], 2: [rows[1], rows[2]], 5: [rows[3]], 9: [rows[4]]}
+    step, pending = 0, dict(schedule)
+    while pending or len(rb):
+        for row in pending.pop(step, []):
+            b, prefix = batch(row)
+            r = rb.add(b, [row.sampling], [row], prefix=prefix)
+            if not len(store):  # the first row teaches the store the shared prefix
+                store.put(row.ids[:shared], rb.row_kv(row, shared))
+            if row.take(r.tokens[0]):
+                rb.remove([row])
+        if len(rb):
+            r = rb.step()
+            rb.remove([row for row, t in zip(r.rows, r.tokens) if row.take(t)])
+        step += 1
+    assert [row.tokens for row in rows] == expected
+    infix = rows[1].insert_at[0]
+    assert used == [0, infix, shared, shared, shared]  # stopped at the infix actions
+    assert 0 < infix < shared
+
+
+def plan_with_shared_prompt(steered: bool):
+    """Requests sharing a system prompt, some steered, arriving at different times."""
+    return [(SHARED[0], 30, 0.0, steered), (SHARED[1], 12, 0.0, False), (SHARED[2], 20, 0.3, steered),
+            (SHARED[3], 9, 0.6, False), (SHARED[4], 16, 0.6, steered), (SHARED[5], 6, 1.0, steered)]
+
+
+@pytest.mark.parametrize("kind", ["plain", "infix", "residual"])
+def test_requests_sharing_a_prompt_prefix_reuse_it_and_get_their_solo_replies(
+        kind, plain_engine, steered_engines, default_lm):
+    """With the prefix cache on, requests sharing a system prompt take it from the cache
+    (``prefix_cached_tokens`` counts it) and still get, token for token, the replies they get
+    alone from a server without the cache."""
+    from dat.agent import Agent
+    from dat.planner import Planner
+    from dat.serve_engine import Engine
+
+    if kind == "plain":
+        engine = plain_engine
+    elif kind == "infix":  # action tokens after the system message: reuse stops there
+        tokens = steered_engines["tokens"].agent
+        engine = Engine(default_lm, Agent(tokens.up, Planner.for_model(default_lm), position="infix"))
+    else:
+        engine = steered_engines["residual"]
+    plan = plan_with_shared_prompt(kind != "plain")
+
+    async def together(batcher):
+        async def one(messages, max_tokens, delay, st):
+            await asyncio.sleep(delay)
+            return await Client(batcher, engine, messages, max_tokens, st).result()
+
+        first = await asyncio.gather(*(one(*p) for p in plan))
+        again = [await solo_reply(batcher, engine, m, n, st) for m, n, _, st in plan[:2]]
+        return first + again
+
+    async def alone(batcher):
+        return [await solo_reply(batcher, engine, m, n, st) for m, n, _, st in plan + plan[:2]]
+
+    got, cached = run_server(engine, together, max_wait_ms=20)
+    want, batcher = run_server(engine, alone, prefix_cache=False)
+    assert [r["text"] for r in got] == [r["text"] for r in want]
+    assert [r["steered"] for r in got] == [p[3] for p in plan + plan[:2]]
+    assert max(r["batch_size"] for r in got) >= 3
+    assert batcher.stats["prefix_cached_tokens"] == 0 and batcher.stats["prompt_tokens"] > 0
+    system = len(default_lm.encode([SYSTEM, {"role": "user", "content": "x"}])) - 8
+    # all but the first request or two take (most of) the system prompt from the cache
+    assert cached.stats["prefix_cached_tokens"] >= 3 * system, cached.stats
+    assert cached.stats["prompt_tokens"] == batcher.stats["prompt_tokens"]

@@ -285,6 +285,8 @@ def serve(
     batching: str = typer.Option("continuous", help="continuous (requests join the running "
                                  "decode batch at the next step) | static (a batch is decoded "
                                  "to its end before the next starts)."),
+    prefix_cache: bool = typer.Option(True, help="Continuous batching: reuse the keys/values of "
+                                      "prompt prefixes recent requests shared (exact)."),
 ) -> None:
     """Serve the model (steered by a planner, if given) over an OpenAI-compatible HTTP API."""
     from dat.serve import serve_command
@@ -295,7 +297,7 @@ def serve(
                                default_max_tokens=default_max_tokens, device=device, dtype=dtype,
                                threads=threads, log_level=log_level, backend=backend,
                                max_body_bytes=max_body_bytes, precision=precision,
-                               batching=batching))
+                               batching=batching, prefix_cache=prefix_cache))
 
 
 @app.command("clone")

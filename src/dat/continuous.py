@@ -8,6 +8,9 @@ residual vector and sampling generator, so a row is computed as it would be alon
 * :meth:`RunningBatch.add` prefills new rows, given as their own left-padded
   :class:`~dat.decoding.Batch` (``make_batch``), straight into free rows of the slab, with
   the batch's own action tokens or residual vectors; its first tokens come back at once.
+  Given a shared ``prefix`` (keys/values of the first tokens of every new row, e.g. from a
+  :class:`~dat.kvcache.PrefixStore`), it copies them into the columns just before the rows'
+  tails and runs only the tails.
 * :meth:`RunningBatch.step` feeds every live row its pending token and picks the next one.
 * :meth:`RunningBatch.remove` takes rows out at once: the last row moves into the freed
   place, so leaving copies one row, not the cache.
@@ -154,10 +157,16 @@ class RunningBatch:
 
     # ------------------------------------------------------------------ rows in, rows out
     def add(self, batch: Batch, sampling: Sequence[Sampling], owners: Sequence,
-            top_logprobs: int | None = None) -> StepResult:
+            top_logprobs: int | None = None, prefix: torch.Tensor | None = None) -> StepResult:
         """Prefill ``batch`` (a ``make_batch`` result without a cache; its residual action,
-        if any, applied) into new rows owned by ``owners``; return their first tokens."""
+        if any, applied) into new rows owned by ``owners``; return their first tokens.
+
+        ``prefix`` (``[layers, 2, kv_heads, P, head_dim]``): the keys/values of the first
+        ``P`` tokens, the same for every new row; ``batch`` then holds only the tails
+        (``make_batch(..., reuse=[P] * rows)``: position ids from ``P`` on, and no action
+        token or residual position before ``P``)."""
         b, T = batch.inputs_embeds.shape[:2]
+        P = 0 if prefix is None else prefix.shape[3]
         if batch.cache is not None:
             raise DatError("RunningBatch.add takes a batch without a cache (no prefix caches).")
         if len(sampling) != b or len(owners) != b:
@@ -168,16 +177,21 @@ class RunningBatch:
                            f"layer {self.residual.layer}.")
         B = len(self.owners)
         R, cols = self.capacity
-        if self._slab is None or B + b > R or T > self._n or self._n >= cols:
-            self._relayout(B + b, T)
+        if self._slab is None or B + b > R or T + P > self._n or self._n >= cols:
+            self._relayout(B + b, T + P)
         n = self._n
         new = slice(B, B + b)
-        self._slab[:, :, new, :, :n - T] = 0
+        start = n - T - P  # the prefix columns, then each row's left-padded tail up to column n
+        self._slab[:, :, new, :, :start] = 0
+        mask = batch.attention_mask
+        if P:
+            self._slab[:, :, new, :, start:n - T] = prefix[:, :, None].to(self._slab.dtype)
+            mask = torch.cat([mask.new_ones(b, P), mask], dim=1)
         # the new rows' keys and values are written in place, right-aligned at column n
-        cache = slab_view_cache(self.model, self._slab[:, :, new, :, n - T:], 0)
+        cache = slab_view_cache(self.model, self._slab[:, :, new, :, start:], P)
         with self.lm.steering(batch):
             logits = self.decoder.next_logits(
-                inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                 position_ids=batch.position_ids, use_cache=True, **self.decoder.cache_kwargs(cache))
         dev = logits.device
         rows = [(s.temperature, s.top_p, self._generator(s, dev)) for s in sampling]
@@ -185,7 +199,7 @@ class RunningBatch:
         lps = None if top_logprobs is None else step_logprobs(logits, nxt, top_logprobs)
         # nothing is registered before the forward succeeded: a failure leaves the batch intact
         self._mask[new] = 0
-        self._mask[new, n - T:n] = batch.attention_mask
+        self._mask[new, start:n] = mask
         self._pos[new] = batch.position_ids[:, -1] + 1
         self._next[new] = nxt
         if res is not None and self._vec is None:
@@ -223,6 +237,15 @@ class RunningBatch:
         self._next[:B] = nxt
         lps = None if top_logprobs is None else step_logprobs(logits, nxt, top_logprobs)
         return StepResult(list(self.owners), nxt.tolist(), lps)
+
+    def row_kv(self, owner, length: int) -> torch.Tensor:
+        """The keys/values of the first ``length`` tokens of ``owner``'s row (its unmasked
+        columns in order): ``[layers, 2, kv_heads, length, head_dim]``, a copy."""
+        i = next(k for k, o in enumerate(self.owners) if o is owner)
+        cols = self._mask[i, :self._n].nonzero().squeeze(-1)[:length]
+        if len(cols) < length:
+            raise DatError(f"row holds {len(cols)} tokens, fewer than the {length} asked for.")
+        return self._slab[:, :, i].index_select(3, cols)
 
     def remove(self, owners: Iterable) -> None:
         """Take the rows of ``owners`` out of the batch now."""

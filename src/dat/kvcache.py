@@ -3,7 +3,9 @@
 :func:`slab_cache` preallocates one tensor for a whole call (no ``torch.cat`` of the cache per
 decoding step); a :class:`PrefixCache` keeps the keys and values a dialogue has encoded, so the
 next turn encodes only the tokens after the longest common token prefix. Rows whose cached
-prefixes differ in length share one forward pass (layout: docs/actions.md).
+prefixes differ in length share one forward pass (layout: docs/actions.md). A
+:class:`PrefixStore` keeps a few prefixes that recent requests of ``dat serve`` shared (such
+as the chat template's system prompt), so that later requests skip encoding them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,64 @@ class PrefixCache:
             n += 1
         n = min(n, len(ids) - 1)
         return max(0, n if limit is None else min(n, limit))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixStore:
+    """A small LRU of :class:`PrefixCache` entries (token prefixes and their keys/values)
+    that several requests shared, for automatic prefix caching across requests.
+
+    Memory stays bounded: at most ``entries`` entries of at most ``max_tokens`` tokens each.
+    Reuse is exact because an entry's keys/values depend on its tokens only (causal
+    attention, explicit position ids from 0)."""
+
+    def __init__(self, entries: int = 4, max_tokens: int = 1024):
+        if entries < 1 or max_tokens < 1:
+            raise DatError(f"PrefixStore needs entries >= 1 and max_tokens >= 1, got {entries}, {max_tokens}.")
+        self.entries, self.max_tokens = entries, max_tokens
+        self.items: list[PrefixCache] = []  # most recently used first
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def match(self, rows: list[list[int]], limits: list[int | None]) -> tuple[PrefixCache | None, int]:
+        """The entry sharing the longest prefix with *every* row, and that length: at most
+        ``limits[i]`` tokens of row ``i`` and never all of it (see :meth:`PrefixCache.reusable`).
+        ``(None, 0)`` when no entry shares anything with all rows."""
+        best, best_n = None, 0
+        for entry in self.items:
+            n = min(entry.reusable(x, lim) for x, lim in zip(rows, limits))
+            if n > best_n:
+                best, best_n = entry, n
+        if best is not None:
+            self.touch(best)
+        return best, best_n
+
+    def longest(self, ids: list[int]) -> int:
+        """The longest prefix of ``ids`` some entry holds."""
+        return max((min(common_prefix(e.ids, ids), len(e)) for e in self.items), default=0)
+
+    def touch(self, entry: PrefixCache) -> None:
+        self.items.remove(entry)
+        self.items.insert(0, entry)
+
+    def put(self, ids: list[int], kv: torch.Tensor) -> PrefixCache:
+        """Keep ``ids`` (cut to ``max_tokens``) with their keys/values ``kv`` ``[layers, 2,
+        kv_heads, len(ids), head_dim]``, evicting the least recently used entry if full."""
+        n = min(len(ids), self.max_tokens)
+        entry = PrefixCache(list(ids[:n]), kv[:, :, :, :n].contiguous())
+        self.items.insert(0, entry)
+        del self.items[self.entries:]
+        return entry
 
 
 def _cache_shape(model) -> tuple[int, int, int]:

@@ -57,6 +57,7 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies are refused with a 413
     precision: str = "exact"  # "fast": bf16 / int8 where the hardware has it (dat.precision)
     batching: str = "continuous"  # or "static": each batch decodes to the end (dat.serve_batcher)
+    prefix_cache: bool = True  # continuous: reuse prompt prefixes recent requests shared
 
     def validate(self) -> None:
         from dat.backends import check_backend
@@ -110,7 +111,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, api_key: str |
     config = config or ServeConfig()
     config.validate()
     schema = request_schema()
-    batcher = Batcher(engine, config.max_batch, config.max_wait_ms, config.batching)
+    batcher = Batcher(engine, config.max_batch, config.max_wait_ms, config.batching,
+                      config.prefix_cache)
     name = config.served_model_name
     models = {name: engine.planner is not None}
     if engine.planner is not None:
@@ -161,6 +163,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, api_key: str |
         return {"status": "ok", "model": engine.lm.name, "planner": engine.planner_path,
                 "served_models": list(models), "queued": batcher.queued,
                 "active": len(batcher.active), "batching": batcher.batching,
+                "prefix_cache": batcher.prefix_cache,
                 "max_batch": config.max_batch,
                 "max_wait_ms": config.max_wait_ms, **batcher.stats}
 
@@ -293,20 +296,23 @@ def serve_command(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     precision: str = "exact",
     batching: str = "continuous",
+    prefix_cache: bool = True,
 ) -> None:
     """Load the model (and planner) and serve it until interrupted.
 
     ``threads`` sets torch's intra-op threads; on a CPU shared with other jobs, fewer
     threads than cores avoids oversubscription, which hurts large batches the most.
     ``batching``: "continuous" (requests join and leave the running decode batch at every
-    step; the vLLM backend falls back to static) or "static" (each batch decodes to the end)."""
+    step; the vLLM backend falls back to static) or "static" (each batch decodes to the end).
+    ``prefix_cache``: with continuous batching, take the keys/values of prompt prefixes that
+    recent requests shared (e.g. the system prompt) from a small cache."""
     from dat.models import require
 
     require("fastapi", install="pip install 'dat[serve]'", purpose="dat serve")
     uvicorn = require("uvicorn", install="pip install 'dat[serve]'", purpose="dat serve")
     config = ServeConfig(model, planner, host, port, api_key_env, max_batch, max_wait_ms,
                          served_model_name, default_max_tokens, device, dtype, threads, log_level,
-                         backend, max_body_bytes, precision, batching)
+                         backend, max_body_bytes, precision, batching, prefix_cache)
     config.validate()
     api_key = read_api_key(api_key_env)  # fail before loading the model
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),

@@ -6,7 +6,8 @@ jobs join it (prefilled as their own batch, then merged) and finished or cancell
 it, so nobody waits for a batch to drain. When idle, the worker waits at most ``max_wait_ms``
 after the first job for more; while decoding, a job joins at the first step boundary once it
 has waited ``max_wait_ms`` (or at once when it fills the batch), so that newcomers arriving
-together share one prefill.
+together share one prefill. With ``prefix_cache`` (the default), prompt prefixes that recent
+requests shared are taken from a small cache instead of being prefilled again.
 
 Static batching (``batching="static"``, and backends that replace ``decode``, such as vLLM):
 when free, the worker takes the queued jobs, waits at most ``max_wait_ms`` for more (up to
@@ -40,7 +41,7 @@ class Batcher:
     :attr:`batching` is the mode in use."""
 
     def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 10.0,
-                 batching: str = "continuous"):
+                 batching: str = "continuous", prefix_cache: bool = True):
         if batching not in BATCHING:
             raise DatError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}.")
         if batching == "continuous" and not engine.continuous:
@@ -49,13 +50,15 @@ class Batcher:
             batching = "static"
         self.engine = engine
         self.batching = batching
+        self.prefix_cache = prefix_cache and batching == "continuous"
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.waiting: collections.deque[Job] = collections.deque()  # taken off the queue, not admitted
         self.active: list[Job] = []
         self.stats = {"requests": 0, "batches": 0, "generate_calls": 0, "largest_batch": 0,
-                      "cancelled": 0, "errors": 0, "joined_running": 0, "steps": 0}
+                      "cancelled": 0, "errors": 0, "joined_running": 0, "steps": 0,
+                      "prompt_tokens": 0, "prefix_cached_tokens": 0}
         self._stop = threading.Event()
         loop = self._loop_continuous if batching == "continuous" else self._loop_static
         self._thread = threading.Thread(target=loop, name="dat-serve-batcher", daemon=True)
@@ -99,7 +102,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ continuous
     def _loop_continuous(self) -> None:
-        run = self.engine.running()
+        run = self.engine.running(self.prefix_cache)
         try:
             while not self._stop.is_set():
                 if not len(run) and not self.waiting:
@@ -156,6 +159,8 @@ class Batcher:
                 log.exception("prefill failed for %d requests", len(group))
                 for j in group:
                     j.post("error", f"{type(exc).__name__}: {exc}")
+        self.stats["prompt_tokens"] = run.prompt_tokens
+        self.stats["prefix_cached_tokens"] = run.cached_tokens
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(run))
 
     def _step(self, run: RunningReplies) -> None:

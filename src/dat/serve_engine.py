@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dat.errors import ContextLengthError, DatError
+from dat.kvcache import common_prefix
 from dat.serve_schema import Params, RequestError
 from dat.steer import position_name
 
@@ -239,9 +240,10 @@ class Engine:
                 "action_tokens": self.n_action_tokens if steered else 0,
                 "position": position_name(self.position) if steered else None}
 
-    def make_batch(self, jobs: list[Job]):
+    def make_batch(self, jobs: list[Job], reuse: int = 0):
         """The left-padded batch of ``jobs`` (all steered or all plain), with the planner's
-        actions in place for steered ones."""
+        actions in place for steered ones; with ``reuse``, only the tokens after the first
+        ``reuse`` of each job (which come from a shared prefix cache)."""
         import torch
 
         lm = self.lm
@@ -253,11 +255,13 @@ class Engine:
                 actions = self.agent.embed(self.agent.act(state))
             return lm.make_batch([j.ids for j in jobs],
                                  [j.insert_at for j in jobs] if steered else None,
-                                 actions, position=self.position if steered else None)
+                                 actions, position=self.position if steered else None,
+                                 reuse=[reuse] * len(jobs) if reuse else None)
 
-    def running(self) -> RunningReplies:
-        """An empty continuous decode batch (see :attr:`continuous`)."""
-        return RunningReplies(self)
+    def running(self, prefix_cache: bool = True) -> RunningReplies:
+        """An empty continuous decode batch (see :attr:`continuous`); ``prefix_cache``:
+        reuse the keys/values of token prefixes that recent requests shared."""
+        return RunningReplies(self, prefix_cache)
 
     def run(self, jobs: list[Job]) -> list[str]:
         """Decode one group of compatible jobs in a single batched call (static batching);
@@ -301,13 +305,30 @@ class Engine:
 class RunningReplies:
     """The requests being decoded by continuous batching: one
     :class:`~dat.continuous.RunningBatch` whose rows are :class:`ReplyState` objects. Rows
-    join at any step (:meth:`join`) and leave as soon as they are finished."""
+    join at any step (:meth:`join`) and leave as soon as they are finished.
 
-    def __init__(self, engine: Engine):
+    With ``prefix_cache``, a :class:`~dat.kvcache.PrefixStore` keeps the keys/values of token
+    prefixes that recent requests shared (the longest common prefix of a newcomer group, or
+    of a lone newcomer and one of the last :attr:`HISTORY` prompts: typically the templated
+    system prompt); a newcomer group whose rows all start with an entry takes those columns
+    from it and prefills only the rest. Never past a steered row's insertion point.
+    :attr:`cached_tokens` counts the prompt tokens so taken, :attr:`prompt_tokens` all."""
+
+    HISTORY = 8  # recent prompts a lone newcomer is compared with
+    MIN_TOKENS = 8  # shorter shared prefixes are neither kept nor reused
+
+    def __init__(self, engine: Engine, prefix_cache: bool = True):
+        from collections import deque
+
         from dat.continuous import RunningBatch
+        from dat.kvcache import PrefixStore
 
         self.engine = engine
         self.batch = RunningBatch(engine.lm)
+        self.store = PrefixStore() if prefix_cache else None
+        self.recent: deque[list[int]] = deque(maxlen=self.HISTORY)
+        self.cached_tokens = 0
+        self.prompt_tokens = 0
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -324,12 +345,48 @@ class RunningReplies:
 
         from dat.continuous import Sampling
 
-        batch = self.engine.make_batch(jobs)
+        entry, reuse = self._match(jobs)
+        batch = self.engine.make_batch(jobs, reuse)
         rows = [ReplyState(j, self.engine, 0) for j in jobs]
         sampling = [Sampling(j.params.temperature, j.params.top_p, j.params.seed) for j in jobs]
         with torch.no_grad():
-            result = self.batch.add(batch, sampling, rows, self._top_k(rows))
+            result = self.batch.add(batch, sampling, rows, self._top_k(rows),
+                                    prefix=entry.kv[:, :, :, :reuse] if reuse else None)
+            self._learn(jobs, rows, reuse)  # before _take: a row finished at once leaves
+        self.cached_tokens += reuse * len(jobs)
+        self.prompt_tokens += sum(len(j.ids) for j in jobs)
         return self._take(result)
+
+    @staticmethod
+    def _limit(job: Job) -> int | None:
+        # action tokens change the embeddings from insert_at on, a residual action the
+        # hidden states: only the tokens before it may come from a cache
+        return job.insert_at if job.steered else None
+
+    def _match(self, jobs: list[Job]):
+        """The store's entry every job starts with, and how many tokens to take from it."""
+        if self.store is None:
+            return None, 0
+        entry, n = self.store.match([j.ids for j in jobs], [self._limit(j) for j in jobs])
+        return (entry, n) if n >= self.MIN_TOKENS else (None, 0)
+
+    def _learn(self, jobs: list[Job], rows: list[ReplyState], reuse: int) -> None:
+        """Keep the prefix these jobs share (with each other, or a lone job with a recent
+        prompt) when the store does not hold most of it yet; its keys/values are read from
+        the first row, which now holds them (the same as a prefill of the prefix alone)."""
+        if self.store is None:
+            return
+        ids = jobs[0].ids
+        if len(jobs) > 1:
+            shared = min(common_prefix(ids, j.ids) for j in jobs[1:])
+        else:
+            shared = max((common_prefix(ids, r) for r in self.recent), default=0)
+        self.recent.extend(j.ids for j in jobs)
+        limit = self._limit(jobs[0])
+        shared = min(shared, len(ids) if limit is None else limit, self.store.max_tokens)
+        if shared < self.MIN_TOKENS or self.store.longest(ids[:shared]) > shared - self.MIN_TOKENS:
+            return
+        self.store.put(ids[:shared], self.batch.row_kv(rows[0], shared))
 
     def step(self) -> list[str]:
         """One decoding step of every running row; return the finish reasons of the rows that
