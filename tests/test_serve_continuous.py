@@ -186,6 +186,18 @@ async def solo_reply(batcher, engine, messages, max_tokens, steered=False, **kw)
     return await Client(batcher, engine, messages, max_tokens, steered, **kw).result()
 
 
+async def long_then_short(batcher, engine, long_tokens, short_tokens, after_deltas=1):
+    """A long streamed request (PROMPTS[0]) that is decoding (``after_deltas`` deltas sent),
+    and a short one (PROMPTS[1]) not sent yet: ``(long, short, long_task)``."""
+    long = Client(batcher, engine, PROMPTS[0], long_tokens, stream=True)
+    short = Client(batcher, engine, PROMPTS[1], short_tokens)
+    started = asyncio.Event()
+    long_task = asyncio.create_task(
+        long.result(on_delta=lambda c: c.deltas >= after_deltas and started.set()))
+    await asyncio.wait_for(started.wait(), 120)  # the long reply is decoding now
+    return long, short, long_task
+
+
 @pytest.fixture(scope="module")
 def plain_engine(default_lm):
     from dat.serve_engine import Engine
@@ -199,11 +211,7 @@ def test_short_request_joining_a_long_one_is_answered_first(plain_engine):
     engine = plain_engine
 
     async def scenario(batcher):
-        long = Client(batcher, engine, PROMPTS[0], 60, stream=True)
-        short = Client(batcher, engine, PROMPTS[1], 4)
-        started = asyncio.Event()
-        long_task = asyncio.create_task(long.result(on_delta=lambda c: c.deltas >= 3 and started.set()))
-        await asyncio.wait_for(started.wait(), 120)  # the long reply is decoding now
+        long, short, long_task = await long_then_short(batcher, engine, 60, 4, after_deltas=3)
         assert len(batcher.active) == 1
         short_reply = await short.result()
         assert not long_task.done()
@@ -307,11 +315,7 @@ def test_static_batching_still_available(plain_engine):
     engine = plain_engine
 
     async def scenario(batcher):
-        long = Client(batcher, engine, PROMPTS[0], 30, stream=True)
-        short = Client(batcher, engine, PROMPTS[1], 3)
-        started = asyncio.Event()
-        long_task = asyncio.create_task(long.result(on_delta=lambda c: started.set()))
-        await started.wait()
+        long, short, long_task = await long_then_short(batcher, engine, 30, 3)
         short_reply = await short.result()
         return await long_task, short_reply, long, short
 

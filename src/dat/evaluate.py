@@ -128,8 +128,8 @@ def _file_safe(name: str) -> str:
 
 
 def _run_agent(name: str, spec: AgentSpec, jobs: list, config: RolloutConfig, header: dict,
-               cache: Path | None, *, lm, setting: Setting, partner, runner, resume: bool
-               ) -> tuple[list[RolloutEpisode], dict]:
+               cache: Path | None, *, lm, setting: Setting, partner, runner, resume: bool,
+               policy=None) -> tuple[list[RolloutEpisode], dict]:
     """One agent's finished episodes (read from ``cache`` when it matches ``header``) and
     its timing entry; writes them to ``cache``."""
     got = load_episodes(cache, header) if (cache is not None and resume and header["agent"]) else None
@@ -141,9 +141,8 @@ def _run_agent(name: str, spec: AgentSpec, jobs: list, config: RolloutConfig, he
     if runner is not None:
         result = sorted(runner(name, spec, config, jobs), key=lambda r: r.episode.episode_id)
     else:
-        made = spec.read_baseline()
         rollout = Rollout(lm, setting, partner=partner, agent=spec.load(lm), config=config,
-                          policy=None if made is None else made.policy)
+                          policy=policy)
         result = sorted(rollout.run(jobs), key=lambda r: r.episode.episode_id)
     seconds = time.perf_counter() - t0
     log.info("%s: done in %.1f s", name, seconds)
@@ -220,8 +219,9 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
     # fail fast: a baseline made for something else, split overlap, missing plotting package
     test_ids = {s.id for _, s in jobs}
     checks = {}
+    baselines = {name: spec.read_baseline() for name, spec in specs.items()}
     for name, spec in specs.items():
-        made = spec.read_baseline()
+        made = baselines[name]
         if made is not None:
             made.check(setting.name, getattr(lm, "name", None), f"agent {name!r} ({spec.planner})")
             missing = sorted(i for i in test_ids if not made.policy.covers(i))
@@ -251,9 +251,10 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
                   "model": getattr(lm, "name", None), "partner": partner_name,
                   "agent": spec.fingerprint()}
         cache = out / EPISODES_DIR / f"{file_names[name]}.jsonl" if out is not None else None
+        made = baselines[name]
         runs[name], timing[name] = _run_agent(name, spec, jobs, acfg, header, cache, lm=lm,
                                               setting=setting, partner=partner, runner=runner,
-                                              resume=resume)
+                                              resume=resume, policy=made and made.policy)
 
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT, "setting": setting.name, "split": split,
@@ -279,7 +280,7 @@ def evaluate(lm, setting: Setting | str, agents: Mapping[str, AgentSpec | str | 
                 m["asr_diff_vs_baseline"] = paired_difference(wins[name], wins[baseline],
                                                               n_bootstrap, level, seed,
                                                               scenario_of)
-        made = spec.read_baseline()
+        made = baselines[name]
         if made is not None:
             if made.policy.speaker is not None:  # an API model is paid per turn it writes
                 turns = [len(r.episode.utterances("steered")) for r in runs[name]]

@@ -18,6 +18,16 @@ import torch
 from dat.errors import DatError
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class PrefixCache:
     """Keys and values of the tokens one dialogue (one agent's view) has encoded so far."""
@@ -32,23 +42,8 @@ class PrefixCache:
         """How many leading tokens of ``ids`` can be taken from the cache: the common prefix,
         at most ``limit``, and never all of ``ids`` (the last token must be run for its
         output)."""
-        n = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)
+        n = min(common_prefix(self.ids, ids), len(ids) - 1)
         return max(0, n if limit is None else min(n, limit))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PrefixStore:

@@ -32,7 +32,7 @@ from dat.agent import Agent, ScenarioAgents
 from dat.envs.base import Setting
 from dat.episode import Episode, Reward, Scenario, Turn
 from dat.errors import DatError
-from dat.kvcache import PrefixCache
+from dat.kvcache import PrefixCache, common_prefix
 from dat.planner import Planner, UpMapping
 from dat.prompting import PromptPolicy
 
@@ -195,8 +195,7 @@ class Rollout:
         fresh = [i for i, c in enumerate(caches) if not c.ids]
         if fresh and agent not in self._shared_prefix and len(fresh) > 1:
             ids = [self.lm.encode(views[i]) for i in fresh]
-            n = min(map(len, ids))
-            common = next((k for k in range(n) if len({x[k] for x in ids}) > 1), n)
+            common = min(common_prefix(ids[0], x) for x in ids[1:])
             if common > 1:
                 self._shared_prefix[agent] = self.lm.prefill(ids[0][:common])
         shared = self._shared_prefix.get(agent)
@@ -231,32 +230,33 @@ class Rollout:
         counts, stopped = [0] * n, [True] * n
         if self.policy is not None:
             for i, s in enumerate(slots):
-                fixed = None if any(t.speaker == "steered" for t in s.episode.turns) \
-                    else self.policy.first_turn(s.episode.scenario.id)
-                if fixed is not None:
-                    texts[i] = fixed
-                    counts[i] = len(self.lm.tokenizer(fixed, add_special_tokens=False)["input_ids"])
+                if not any(t.speaker == "steered" for t in s.episode.turns):
+                    texts[i] = self.policy.first_turn(s.episode.scenario.id)
         todo = [i for i in range(n) if texts[i] is None]
-        if not todo:
-            return texts, counts, stopped
-        seed = self._next_sampling_seed()
-        if self.speaker is not None:
+        given = [i for i in range(n) if texts[i] is not None]  # not generated here
+        if todo and self.speaker is not None:
             out, _, ended = self.speaker.reply([views[i] for i in todo], self.cfg.max_new_tokens,
-                                               self.cfg.temperature, self.cfg.top_p, seed)
+                                               self.cfg.temperature, self.cfg.top_p,
+                                               self._next_sampling_seed())
             for i, text, end in zip(todo, out, ended):
                 texts[i], stopped[i] = text, end
-                counts[i] = len(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-            return texts, counts, stopped
-        with torch.no_grad():  # inference: no graph through a trainable up-mapping
-            embeds = None if actions is None else self.agent.embed(actions[todo]).to(self.lm.device)
-        g = self.lm.generate_detailed([views[i] for i in todo], actions=embeds,
-                                      position=self.position,
-                                      max_new_tokens=self.cfg.max_new_tokens,
-                                      temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                      seed=seed, caches=None if caches is None else [caches[i] for i in todo])
-        for i, toks, text, stop in zip(todo, g.token_ids, g.texts, g.stopped):
-            texts[i], counts[i], stopped[i] = text, len(toks), bool(stop)
-        self.generated_tokens += g.num_generated
+            given, todo = given + todo, []
+        if todo:
+            with torch.no_grad():  # inference: no graph through a trainable up-mapping
+                embeds = None if actions is None else self.agent.embed(actions[todo]).to(self.lm.device)
+            g = self.lm.generate_detailed([views[i] for i in todo], actions=embeds,
+                                          position=self.position,
+                                          max_new_tokens=self.cfg.max_new_tokens,
+                                          temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                          seed=self._next_sampling_seed(),
+                                          caches=None if caches is None else [caches[i] for i in todo])
+            for i, toks, text, stop in zip(todo, g.token_ids, g.texts, g.stopped):
+                texts[i], counts[i], stopped[i] = text, len(toks), bool(stop)
+            self.generated_tokens += g.num_generated
+        if given:  # one batched tokenisation for the texts that were not generated here
+            ids = self.lm.tokenizer([texts[i] for i in given], add_special_tokens=False)["input_ids"]
+            for i, x in zip(given, ids):
+                counts[i] = len(x)
         return texts, counts, stopped
 
     def _partner_turn(self, slots: list[_Slot]) -> None:
