@@ -1,7 +1,9 @@
 """--precision fast vs exact, side by side in one run (default setting ``openup``, its held-out
 test partners, 3 rounds, 48 new tokens, greedy, batch 32, default model):
 
-* speed: rollout generated tokens/s and episodes/h of each precision;
+* speed: rollout generated tokens/s and episodes/h of each precision, the median of
+  ``--repeats`` timed runs in which the precisions take turns (the ratio is the median of
+  the per-repeat ratios);
 * same behaviour: the paired difference of episode rewards (fast - exact, same episode ids
   and scenarios) with its 95 % bootstrap CI, and the share of identical greedy dialogues;
 * same language: perplexity of each precision's steered replies under the *exact* model.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--emulate-avx2", action="store_true",
                     help="limit ATen/oneDNN kernels to AVX2 and time the fallback fast picks")
     ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed runs per precision, taking turns (the median is reported)")
     args = ap.parse_args(argv)
     if args.emulate_avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
         env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -80,20 +85,32 @@ def main(argv=None):
     setting = make("openup")
     jobs = episode_jobs(setting, args.episodes, "test", seed=0)
     exact = SteeredLM.from_pretrained("default", device="cpu")
-    rows, runs = [], {}
-    for name in ["exact", "fast", *args.also]:
-        lm = exact if name == "exact" else SteeredLM.from_pretrained(
-            "default", device="cpu", precision=fast if name == "fast" else name)
-        out, dt, tokens = run(lm, setting, jobs, args.agent, args.batch)
-        runs[name] = out
+    lms = {name: exact if name == "exact" else SteeredLM.from_pretrained(
+        "default", device="cpu", precision=fast if name == "fast" else name)
+        for name in ["exact", "fast", *args.also]}
+    # the precisions take turns, repeat after repeat: a shared machine's load drifts over minutes
+    runs, timings, reproducible = {}, {name: [] for name in lms}, True
+    for _ in range(args.repeats):
+        for name, lm in lms.items():
+            out, dt, tokens = run(lm, setting, jobs, args.agent, args.batch)
+            timings[name].append((dt, tokens))
+            texts = [[t.text for t in r.episode.turns] for r in out]
+            reproducible &= runs.setdefault(name, (out, texts))[1] == texts
+    rows = []
+    for name, lm in lms.items():
+        out = runs[name][0]
+        dt = statistics.median(d for d, _ in timings[name])
         prompts, texts = steered_turns(out)
         ppl = perplexity(exact, prompts, texts)["perplexity"]
         rewards = [r.total_reward for r in out if r.total_reward is not None]
         rows.append({"precision": name, "chosen": lm.precision.describe(), "episodes": len(out),
                      "seconds": round(dt, 1), "episodes/hour": round(3600 * len(out) / dt),
-                     "generated tokens/s": round(tokens / dt, 1),
+                     "generated tokens/s": round(statistics.median(n / d for d, n in timings[name]), 1),
                      "mean reward": round(sum(rewards) / len(rewards), 4),
                      "perplexity under exact": round(ppl, 3)})
+    runs = {name: out for name, (out, _) in runs.items()}
+    pair_ratios = [round((nf / df) / (ne / de), 3)
+                   for (de, ne), (df, nf) in zip(timings["exact"], timings["fast"])]
     by_id = {n: {r.episode.episode_id: r for r in runs[n]} for n in runs}
     others = {n: {"tokens_per_s_vs_exact": r["generated tokens/s"] / rows[0]["generated tokens/s"],
                   "reward_diff_vs_exact": paired_difference(
@@ -110,8 +127,12 @@ def main(argv=None):
                == [t.text for t in by_id["exact"][i].episode.turns] for i in by_id["exact"])
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2")))
     summary = {
-        "fast_vs_exact_tokens_per_s": rows[1]["generated tokens/s"] / rows[0]["generated tokens/s"],
-        "fast_vs_exact_episodes_per_hour": rows[1]["episodes/hour"] / rows[0]["episodes/hour"],
+        "fast_vs_exact_tokens_per_s": statistics.median(pair_ratios),
+        "fast_vs_exact_tokens_per_s_each_repeat": pair_ratios,
+        "fast_vs_exact_episodes_per_hour": statistics.median(
+            de / df for (de, _), (df, _) in zip(timings["exact"], timings["fast"])),
+        "repeats": args.repeats,
+        "repeats_gave_the_same_dialogues": reproducible,
         "reward_diff_fast_minus_exact": diff,
         "exact_mean_within_ci": (diff["ci"][0] <= 0.0 <= diff["ci"][1]) if diff.get("ci") else None,
         "identical_greedy_dialogues": f"{same}/{len(by_id['exact'])}",

@@ -5,6 +5,10 @@ fastest arithmetic the hardware runs natively.
 (``avx512_bf16`` or ``amx_bf16`` in the CPU flags), and otherwise int8 dynamic quantisation
 of the linear layers (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations
 quantised per batch, the oneDNN/FBGEMM kernels). It says what it chose and why.
+
+On the CPU, a bf16 model also gets faster kernels for the same arithmetic
+(:mod:`dat.cpu_kernels`): oneDNN linear layers on weights reordered once, with sibling
+projections (q/k/v, gate/up) stacked into one product.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dat.cpu_kernels import can_pack
 from dat.errors import DatError
 
 PRECISIONS = ("exact", "fast", "bf16", "int8")  # bf16 / int8: force one of fast's choices
@@ -26,9 +31,12 @@ class PrecisionChoice:
     dtype: torch.dtype  # weights and activations
     int8_linear: bool  # dynamic int8 quantisation of the linear layers
     reason: str
+    packed_linear: bool = False  # bf16 CPU kernels: dat.cpu_kernels.use_cpu_kernels
 
     def describe(self) -> str:
         kind = "int8 dynamic linear layers" if self.int8_linear else str(self.dtype).split(".")[-1]
+        if self.packed_linear:
+            kind += ", oneDNN prepacked and stacked linear layers"
         return f"precision {self.precision}: {kind} ({self.reason})"
 
 
@@ -50,7 +58,8 @@ def choose(precision: str, device: torch.device, flags: set[str] | None = None) 
     if precision == "exact":
         return PrecisionChoice("exact", torch.float32, False, "float32, the reference")
     if precision == "bf16":
-        return PrecisionChoice("bf16", torch.bfloat16, False, "asked for")
+        return PrecisionChoice("bf16", torch.bfloat16, False, "asked for",
+                               packed_linear=device.type == "cpu" and can_pack())
     if precision == "int8":
         if device.type != "cpu":
             raise DatError("--precision int8 (dynamic int8 linear layers) runs on the CPU only.")
@@ -64,7 +73,8 @@ def choose(precision: str, device: torch.device, flags: set[str] | None = None) 
     flags = cpu_flags() if flags is None else flags
     native = sorted(set(BF16_FLAGS) & flags)
     if native:
-        return PrecisionChoice("fast", torch.bfloat16, False, f"CPU with native bf16: {', '.join(native)}")
+        return PrecisionChoice("fast", torch.bfloat16, False, f"CPU with native bf16: {', '.join(native)}",
+                               packed_linear=can_pack())
     return PrecisionChoice("fast", torch.float32, True,
                            "no native bf16 on this CPU (no avx512_bf16/amx_bf16): int8 fallback")
 
@@ -79,3 +89,4 @@ def quantize_linear(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+

@@ -134,6 +134,7 @@ class SteeredLM:
     ) -> SteeredLM:
         """``precision="fast"`` (:mod:`dat.precision`): bf16 where the hardware has it natively,
         int8 linear layers otherwise; an explicit ``dtype`` other than ``"auto"`` wins."""
+        from dat.cpu_kernels import use_cpu_kernels
         from dat.models import resolve_device
         from dat.precision import choose, quantize_linear
 
@@ -146,6 +147,8 @@ class SteeredLM:
         model, tokenizer, name = load_model(name_or_path, device=device, dtype=dtype)
         if choice.int8_linear:
             model = quantize_linear(model)
+        elif choice.packed_linear and dtype == choice.dtype:
+            use_cpu_kernels(model)
         lm = cls(model, tokenizer, name=name, max_context=max_context, truncation=truncation)
         lm.precision = choice
         return lm

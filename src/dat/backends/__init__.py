@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from dat.backends.base import (
@@ -48,7 +50,7 @@ def make_lm(model: str = "default", backend: str = "hf", device: str = "auto",
     if precision != "exact" and dtype == "auto":
         dtype = "bfloat16" if choice.dtype == torch.bfloat16 else "float16"
     lm = VLLMSteeredLM.from_pretrained(model, device=device, dtype=dtype, **kwargs)
-    lm.precision = choice
+    lm.precision = dataclasses.replace(choice, packed_linear=False)  # vLLM runs its own kernels
     return lm
 
 
