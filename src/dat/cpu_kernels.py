@@ -30,35 +30,47 @@ def can_pack() -> bool:
 _LINEAR = torch.ops.mkldnn._linear_pointwise.default if can_pack() else None
 
 
-def _adopt(cls, linear: torch.nn.Linear):
-    """A ``cls`` (an ``nn.Linear`` subclass) holding ``linear``'s own parameters."""
-    module = cls.__new__(cls)
-    torch.nn.Module.__init__(module)
-    module.in_features, module.out_features = linear.in_features, linear.out_features
-    module.weight, module.bias = linear.weight, linear.bias
-    return module
+def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` on a weight reordered by ``_reorder_linear_weight``; the kernel
+    takes any leading dims of ``x``, densely laid out."""
+    return _LINEAR(x.contiguous(), weight, bias, "none", [], "")
 
 
-class PackedLinear(torch.nn.Linear):
-    """A bf16 ``nn.Linear`` whose inference forward runs oneDNN's kernel on a weight reordered
-    once. ``weight`` and ``bias`` stay as they were, so ``isinstance`` checks and gradients are
-    unchanged: a forward that needs gradients (``dat clone`` through the actions) takes the
-    plain ``F.linear``."""
+class InferenceLinear(torch.nn.Linear):
+    """An ``nn.Linear`` holding another one's parameters, whose inference forward is
+    :meth:`inference`. A forward that needs gradients (``dat clone`` through the actions) takes
+    the plain ``F.linear``, so ``isinstance`` checks and gradients are unchanged."""
+
+    @classmethod
+    def adopt(cls, linear: torch.nn.Linear):
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.weight, module.bias = linear.weight, linear.bias
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return super().forward(x)
+        return self.inference(x)
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PackedLinear(InferenceLinear):
+    """A bf16 linear layer run by oneDNN on a weight reordered once."""
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> PackedLinear:
-        packed = _adopt(cls, linear)
+        packed = cls.adopt(linear)
         packed.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(
             linear.weight.detach(), PACK_ROWS_HINT), persistent=False)
         packed.packed_bias = None if linear.bias is None else linear.bias.detach()
         return packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return super().forward(x)
-        if not x.is_contiguous():  # the kernel takes any leading dims, but densely laid out
-            x = x.contiguous()
-        return _LINEAR(x, self.packed_weight, self.packed_bias, "none", [], "")
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_product(x, self.packed_weight, self.packed_bias)
 
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -80,28 +92,24 @@ class StackedProduct:
     def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
         entry = self.entry
         if entry is None or entry[0] is not x or entry[1] != x._version or index not in entry[3]:
-            y = _LINEAR(x if x.is_contiguous() else x.contiguous(), self.weight, self.bias,
-                        "none", [], "")
+            y = packed_product(x, self.weight, self.bias)
             entry = (x, x._version, y.split(self.widths, dim=-1), frozenset(range(len(self.widths))))
         left = entry[3] - {index}
         self.entry = (*entry[:3], left) if left else None
         return entry[2][index]
 
 
-class SharedInputLinear(torch.nn.Linear):
-    """One of a group of sibling projections computed by a shared :class:`StackedProduct`.
-    Keeps its own ``weight`` and ``bias``; a forward that needs gradients uses them."""
+class SharedInputLinear(InferenceLinear):
+    """One of a group of sibling projections computed by a shared :class:`StackedProduct`."""
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, product: StackedProduct, index: int
                     ) -> SharedInputLinear:
-        shared = _adopt(cls, linear)
+        shared = cls.adopt(linear)
         shared.product, shared.index = product, index
         return shared
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return super().forward(x)
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
         return self.product.take(x, self.index)
 
 

@@ -89,4 +89,3 @@ def quantize_linear(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -147,8 +147,10 @@ class SteeredLM:
         model, tokenizer, name = load_model(name_or_path, device=device, dtype=dtype)
         if choice.int8_linear:
             model = quantize_linear(model)
-        elif choice.packed_linear and dtype == choice.dtype:
+        elif choice.packed_linear and resolve_dtype(dtype) == torch.bfloat16:
             use_cpu_kernels(model)
+        elif choice.packed_linear:  # an explicit non-bf16 dtype: the kernels do not apply
+            choice = replace(choice, packed_linear=False)
         lm = cls(model, tokenizer, name=name, max_context=max_context, truncation=truncation)
         lm.precision = choice
         return lm
